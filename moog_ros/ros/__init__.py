@@ -1,0 +1,1 @@
+"""rclpy lives only here: pure message conversions, the node, diagnostics."""

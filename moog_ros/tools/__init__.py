@@ -1,0 +1,1 @@
+"""Console tools that are not training: bag-to-bag inference and the demo."""

@@ -1,0 +1,1 @@
+"""Offline training, data generation, conversion and evaluation (no rclpy)."""
