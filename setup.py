@@ -39,6 +39,7 @@ setup(
         (f'share/{PACKAGE}/launch', glob('launch/*.launch.py')),
         (f'share/{PACKAGE}/config', glob('config/*.yaml')),
         (f'share/{PACKAGE}/rviz', glob('rviz/*.rviz')),
+        (f'share/{PACKAGE}/samples', glob('samples/*.mcap')),
         *tree('models', f'share/{PACKAGE}/models'),
         *tree('interfaces', f'share/{PACKAGE}/interfaces'),
     ],
@@ -46,7 +47,7 @@ setup(
     zip_safe=True,
     maintainer='moog_ros maintainers',
     maintainer_email='maintainers@moog-ros.invalid',
-    description='MooG off-the-grid video tokens on a live ROS 2 camera: depth, point tracks, boxes.',
+    description='MooG off-the-grid video tokens on a ROS 2 camera: depth, point tracks, boxes.',
     license='Apache-2.0',
     tests_require=['pytest'],
     entry_points={

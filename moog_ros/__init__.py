@@ -1,1 +1,4 @@
-"""MooG on a live ROS 2 camera: off-the-grid video tokens with depth, point-track and box readouts."""
+"""MooG on a live ROS 2 camera.
+
+Off-the-grid video tokens (arXiv 2411.05927) with depth, point-track and box readouts.
+"""

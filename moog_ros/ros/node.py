@@ -1,0 +1,466 @@
+"""The live node: camera frames in, MooG depth / point tracks / boxes out (rclpy LifecycleNode).
+
+The node is thin: message -> ``conversions`` -> ``MoogRuntime.process`` -> ``conversions`` ->
+publish. Everything about tracks, seeding and resets lives in :mod:`moog_ros.runtime`.
+
+Lifecycle:
+
+- **configure**: read the parameters into a :class:`~moog_ros.ros.params.NodeConfig`, load the
+  checkpoint onto the device, warm the model up, create the publishers. Any failure (missing or
+  corrupt checkpoint, unavailable device) logs the reason and returns FAILURE.
+- **activate**: create the subscriptions, services and the diagnostics timer.
+- **deactivate**: destroy them (the model stays loaded).
+- **cleanup**: destroy the publishers, drop the model and free its GPU memory.
+
+Frames never queue: the image subscription is keep-last 1, its callback only parks the newest
+message (replacing, and counting, one still waiting) and wakes the inference callback, which
+runs in its own mutually exclusive callback group. A frame older than ``max_frame_age`` when
+inference would start is dropped and counted.
+
+Run directly (``moog_node``), the node configures and activates itself (parameter
+``autostart``, default true); the launch file sets ``autostart: false`` and lets
+``launch_ros.actions.LifecycleNode(autostart=True)`` drive the transitions.
+"""
+from __future__ import annotations
+
+from collections import deque
+import dataclasses
+import gc
+from pathlib import Path
+import sys
+import threading
+import time
+from typing import Any, NamedTuple
+
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PointStamped
+import numpy as np
+import rclpy
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_srvs.srv import Trigger
+import torch
+from vision_msgs.msg import Detection2D, Detection2DArray
+from visualization_msgs.msg import MarkerArray
+
+from moog_ros.ros import conversions as conv
+from moog_ros.ros.diagnostics import PipelineMonitor, diagnostic_array
+from moog_ros.ros.params import (
+    FIELDS,
+    NodeConfig,
+    declare_parameters,
+    qos_profile,
+    read_config,
+    resolve_checkpoint,
+)
+from moog_ros.runtime import FrameResult, MoogRuntime, load_runtime, resolve_device
+
+NODE_NAME = 'moog'
+# Commands (clicked points, boxes) must not be lost: reliable with a small queue.
+_COMMAND_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                          reliability=ReliabilityPolicy.RELIABLE)
+# Detector output: best effort accepts reliable and best-effort detectors alike.
+_DETECTIONS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
+                             reliability=ReliabilityPolicy.BEST_EFFORT)
+_LOG_EVERY_S = 5.0  # throttle for per-frame warnings
+_OUTPUT_TYPES = {'depth': Image, 'depth_info': CameraInfo, 'tracks': PointCloud2,
+                 'track_markers': MarkerArray, 'detections': Detection2DArray,
+                 'box_markers': MarkerArray, 'overlay': Image}
+# (publisher key, type, relative topic) of every per-frame output.
+OUTPUTS = tuple((key, _OUTPUT_TYPES[key], topic) for key, topic in conv.OUTPUT_TOPICS.items())
+
+
+class FrameTiming(NamedTuple):
+    """Where one frame's time went (milliseconds); kept for diagnostics and the benchmark."""
+
+    convert_ms: float  # message -> RGB array
+    runtime_ms: float  # MoogRuntime.process (includes step_ms)
+    step_ms: float  # model step + device-to-host copy
+    publish_ms: float  # building and publishing every output
+    latency_ms: float  # frame received -> last output published
+
+
+class MoogNode(LifecycleNode):
+    """MooG on a camera stream as a managed (lifecycle) node; see the module docstring.
+
+    Args:
+        **kwargs: passed to ``rclpy.lifecycle.LifecycleNode`` (context, parameter_overrides,
+            namespace, cli_args, ...).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        declare_parameters(self)
+        self.add_post_set_parameters_callback(self._on_parameters_set)
+        self.config: NodeConfig | None = None
+        self.runtime: MoogRuntime | None = None
+        self.monitor: PipelineMonitor | None = None
+        self.timings: deque[FrameTiming] = deque(maxlen=2000)
+        self._model_name = ''
+        self._pubs: dict[str, Any] = {}
+        self._subs: list = []
+        self._services: list = []
+        self._timer = None
+        self._wake = None
+        self._inference_group = MutuallyExclusiveCallbackGroup()
+        # Guards the runtime against cleanup while a frame is in flight.
+        self._runtime_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: tuple[Image | CompressedImage, float] | None = None
+        self._active = False
+        self._camera_info: CameraInfo | None = None
+        self._last_encoding: str | None = None
+        self._builder: conv.FrameMessageBuilder | None = None
+        self._state_start_ns: int | None = None
+        self._last_result: FrameResult | None = None
+
+    # --------------------------------------------------------------------------- lifecycle
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Loads and warms up the model, creates the publishers; FAILURE with the reason."""
+        log = self.get_logger()
+        try:
+            config = read_config(self)
+            device = resolve_device(config.device)
+            checkpoint = resolve_checkpoint(config.checkpoint)
+            log.info(f'loading {checkpoint} on {device}')
+            start = time.perf_counter()
+            runtime = load_runtime(checkpoint, config.runtime_config(), device)
+            runtime.warmup(config.warmup_steps)
+        except Exception as err:  # any failure must be a clean FAILURE
+            log.error(f'configure failed: {type(err).__name__}: {err}')
+            return TransitionCallbackReturn.FAILURE
+        self.config, self.runtime = config, runtime
+        self._model_name = Path(checkpoint).name
+        self.monitor = PipelineMonitor(f'{self.get_name()}: pipeline', str(device))
+        out_qos = qos_profile(config.output_reliability, config.output_depth)
+        for key, msg_type, topic in OUTPUTS:
+            self._pubs[key] = self.create_lifecycle_publisher(msg_type, topic, out_qos)
+        self._builder = conv.FrameMessageBuilder(config.depth_resolution)
+        self._pubs['diagnostics'] = self.create_lifecycle_publisher(
+            DiagnosticArray, '/diagnostics', 1)
+        W, H = runtime.model_wh
+        log.info(f'configured in {time.perf_counter() - start:.1f} s: {self._model_name} '
+                 f'({W}x{H}, resize {config.resize_mode}) on {device}')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Creates subscriptions, services and the diagnostics timer."""
+        config = self.config
+        in_qos = qos_profile(config.input_reliability, config.input_depth)
+        self._wake = self.create_guard_condition(self._on_wake, self._inference_group)
+        if config.input_transport == 'compressed':
+            self._subs.append(self.create_subscription(
+                CompressedImage, 'image/compressed', self._on_image, in_qos))
+        else:
+            self._subs.append(self.create_subscription(Image, 'image', self._on_image, in_qos))
+        self._subs += [
+            self.create_subscription(CameraInfo, 'camera_info', self._on_camera_info,
+                                     qos_profile(config.input_reliability, 1)),
+            self.create_subscription(Detection2DArray, 'detections_in', self._on_detections,
+                                     _DETECTIONS_QOS),
+            self.create_subscription(Detection2D, '~/add_box', self._on_add_box, _COMMAND_QOS),
+            self.create_subscription(PointStamped, '~/add_points', self._on_add_point,
+                                     _COMMAND_QOS),
+            self.create_subscription(PointCloud2, '~/add_points_batch', self._on_add_points,
+                                     _COMMAND_QOS),
+        ]
+        self._services = [
+            self.create_service(Trigger, '~/reset', self._on_reset),
+            self.create_service(Trigger, '~/clear_points', self._on_clear_points),
+        ]
+        self._timer = self.create_timer(config.diagnostics_period, self._publish_diagnostics)
+        self._active = True
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stops input and services; the model and its state stay loaded."""
+        self._stop_io()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Destroys publishers and frees the model (and its GPU memory)."""
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_io()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f'error in state {state.label}; releasing everything')
+        self._stop_io()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_io(self) -> None:
+        self._active = False
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        for srv in self._services:
+            self.destroy_service(srv)
+        self._subs, self._services = [], []
+        if self._timer is not None:
+            self.destroy_timer(self._timer)
+            self._timer = None
+        if self._wake is not None:
+            self.destroy_guard_condition(self._wake)
+            self._wake = None
+        with self._pending_lock:
+            self._pending = None
+
+    def _release(self) -> None:
+        for pub in self._pubs.values():
+            self.destroy_lifecycle_publisher(pub)
+        self._pubs = {}
+        with self._runtime_lock:  # waits for a frame in flight
+            runtime, self.runtime = self.runtime, None
+            if runtime is not None:
+                runtime.close()
+                device = runtime.device
+                del runtime
+                gc.collect()
+                if device.type == 'cuda':
+                    torch.cuda.empty_cache()
+        self.config = None
+        self._camera_info = None
+        self._last_encoding = None
+        self._builder = None
+
+    # ------------------------------------------------------------------------ parameters
+
+    def _on_parameters_set(self, params: list[Parameter]) -> None:
+        """Applies accepted runtime changes (validation happened in the on-set callback)."""
+        changed = {p.name: p.value for p in params if p.name in FIELDS}
+        if not changed or self.config is None:
+            return  # not configured: read_config picks the values up at configure
+        changed = {k: float(v) if isinstance(FIELDS[k].default, float) else v
+                   for k, v in changed.items()}
+        with self._runtime_lock:
+            if self.config is None or self.runtime is None:
+                return
+            self.config = dataclasses.replace(self.config, **changed)
+            self.runtime.update_config(self.config.runtime_config())
+        self.get_logger().info(f'parameters changed: {changed}')
+
+    # --------------------------------------------------------------------------- inputs
+
+    def _on_image(self, msg: Image | CompressedImage) -> None:
+        now = time.monotonic()
+        self.monitor.received(now)
+        with self._pending_lock:
+            if self._pending is not None:
+                self.monitor.replaced()
+            self._pending = (msg, now)
+        wake = self._wake
+        if wake is not None and self._active:  # not while deactivation tears it down
+            wake.trigger()
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        try:
+            conv.camera_info_k(msg)
+        except conv.ConversionError as err:
+            self.get_logger().warning(f'ignoring camera_info: {err}',
+                                      throttle_duration_sec=_LOG_EVERY_S)
+            return
+        self._camera_info = msg
+
+    def _on_detections(self, msg: Detection2DArray) -> None:
+        try:
+            xyxy, labels = conv.detections_to_xyxy(msg)
+            if len(xyxy):
+                self.runtime.add_boxes(xyxy, labels)
+        except ValueError as err:  # ConversionError is a ValueError
+            self.get_logger().warning(f'ignoring detections_in: {err}',
+                                      throttle_duration_sec=_LOG_EVERY_S)
+
+    def _on_add_box(self, msg: Detection2D) -> None:
+        try:
+            xyxy = conv.bbox_to_xyxy(msg.bbox, 'add_box Detection2D.bbox')
+            ids = self.runtime.add_boxes(xyxy[None], [conv.detection_label(msg)])
+        except ValueError as err:
+            self.get_logger().warning(f'ignoring ~/add_box: {err}')
+            return
+        self.get_logger().info(f'box track {int(ids[0])} from ~/add_box {xyxy.round(1).tolist()}')
+
+    def _on_add_point(self, msg: PointStamped) -> None:
+        self._add_points(conv.point_to_xy(msg), '~/add_points')
+
+    def _on_add_points(self, msg: PointCloud2) -> None:
+        try:
+            xy = conv.cloud_to_xy(msg)
+        except conv.ConversionError as err:
+            self.get_logger().warning(f'ignoring ~/add_points_batch: {err}')
+            return
+        self._add_points(xy, '~/add_points_batch')
+
+    def _add_points(self, xy: np.ndarray, source: str) -> None:
+        try:
+            ids = self.runtime.add_points(xy)
+        except ValueError as err:
+            self.get_logger().warning(f'ignoring {source}: {err}')
+            return
+        self.get_logger().info(f'point tracks {ids.tolist()} from {source}')
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response
+                  ) -> Trigger.Response:
+        self.runtime.reset('requested on ~/reset')
+        response.success, response.message = True, 'state resets at the next frame'
+        return response
+
+    def _on_clear_points(self, request: Trigger.Request, response: Trigger.Response
+                         ) -> Trigger.Response:
+        self.runtime.clear_points()
+        response.success, response.message = True, 'point tracks end at the next frame'
+        return response
+
+    # ------------------------------------------------------------------------ inference
+
+    def _on_wake(self) -> None:
+        """Processes the newest waiting frame until none is left (inference callback group)."""
+        while self._active:
+            with self._pending_lock:
+                item, self._pending = self._pending, None
+            if item is None:
+                return
+            with self._runtime_lock:
+                if self.runtime is None:
+                    return
+                try:
+                    self._process(*item)
+                except Exception as err:  # one bad frame must not stop the node
+                    self.monitor.error(f'{type(err).__name__}: {err}')
+                    self.get_logger().error(f'frame failed: {type(err).__name__}: {err}',
+                                            throttle_duration_sec=_LOG_EVERY_S)
+                    self.runtime.reset(f'recovering from {type(err).__name__}')
+
+    def _process(self, msg: Image | CompressedImage, received_s: float) -> None:
+        config, runtime, log = self.config, self.runtime, self.get_logger()
+        stamp_ns = conv.stamp_to_ns(msg.header.stamp)
+        if config.max_frame_age > 0:
+            age_s = (self.get_clock().now().nanoseconds - stamp_ns) / 1e9
+            if age_s > config.max_frame_age:
+                self.monitor.stale()
+                log.warning(f'dropping a frame {age_s:.3f} s old (max_frame_age '
+                            f'{config.max_frame_age:g} s)', throttle_duration_sec=_LOG_EVERY_S)
+                return
+        start = time.perf_counter()
+        try:
+            if isinstance(msg, CompressedImage):
+                rgb, encoding = conv.compressed_to_rgb(msg), msg.format
+            else:
+                rgb, encoding = conv.image_to_rgb(msg), msg.encoding
+        except conv.ConversionError as err:
+            self.monitor.invalid(str(err))
+            log.warning(f'dropping a frame: {err}', throttle_duration_sec=_LOG_EVERY_S)
+            return
+        if self._last_encoding is not None and encoding != self._last_encoding:
+            runtime.reset(f'encoding changed from {self._last_encoding!r} to {encoding!r}')
+        self._last_encoding = encoding
+        converted = time.perf_counter()
+        result = runtime.process(rgb, stamp_ns)
+        processed = time.perf_counter()
+        if result.reset_reason is not None:
+            self.monitor.reset(result.reset_reason)
+            log.info(f'state reset: {result.reset_reason}')
+        if result.frame_index == 0:
+            self._state_start_ns = stamp_ns
+        for note in result.notes:
+            log.warning(note)
+        self._publish(msg.header, rgb, result)
+        done = time.perf_counter()
+        latency_ms = (time.monotonic() - received_s) * 1e3
+        self.timings.append(FrameTiming(
+            convert_ms=(converted - start) * 1e3, runtime_ms=(processed - converted) * 1e3,
+            step_ms=result.step_ms, publish_ms=(done - processed) * 1e3, latency_ms=latency_ms))
+        self._last_result = result
+        self.monitor.processed(time.monotonic(), result.step_ms, latency_ms)
+
+    # --------------------------------------------------------------------------- outputs
+
+    def _publish(self, header, rgb: np.ndarray, result: FrameResult) -> None:
+        pubs = self._pubs
+        info = self._camera_info
+        if info is not None and conv.matching_intrinsics(info, result.geometry.input_wh) is None:
+            self.get_logger().warning(
+                f'camera_info is {info.width}x{info.height} but images are '
+                f'{result.geometry.input_wh[0]}x{result.geometry.input_wh[1]}; no '
+                'depth/camera_info and no 3-D positions until they match',
+                throttle_duration_sec=_LOG_EVERY_S)
+        # Overlay and markers are for people: built only while someone subscribes.
+        wanted = {'depth', 'depth_info', 'tracks', 'detections'} | {
+            key for key in ('overlay', 'track_markers', 'box_markers')
+            if pubs[key].get_subscription_count() > 0}
+        trails = (self.runtime.trails(result.track_ids)  # [N, L, 3] (u, v, depth)
+                  if wanted & {'overlay', 'track_markers'} else None)
+        messages = self._builder.build(header, rgb, result, info, trails, wanted)
+        for key, msg in messages.items():
+            pubs[key].publish(msg)
+
+    def _publish_diagnostics(self) -> None:
+        result, runtime = self._last_result, self.runtime
+        extra: dict[str, object] = {'model': self._model_name, 'device': str(
+            runtime.device) if runtime else 'none'}
+        if runtime is not None:
+            extra['model_resolution'] = '{}x{}'.format(*runtime.model_wh)
+            extra['point_tracks'] = runtime.num_points
+            extra['box_tracks'] = runtime.num_boxes
+        if result is not None:
+            extra['input_resolution'] = '{}x{}'.format(*result.geometry.input_wh)
+            extra['state_age_frames'] = result.frame_index + 1
+            if self._state_start_ns is not None:
+                extra['state_age_s'] = (result.stamp_ns - self._state_start_ns) / 1e9
+        status = self.monitor.status(time.monotonic(), extra)
+        self._pubs['diagnostics'].publish(
+            diagnostic_array(self.get_clock().now().to_msg(), [status]))
+
+
+def _autostart(node: MoogNode) -> bool:
+    """configure + activate; False (reason logged) if either fails."""
+    if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+        node.get_logger().fatal('autostart: configure failed (reason above); exiting')
+        return False
+    if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+        node.get_logger().fatal('autostart: activate failed; exiting')
+        return False
+    node.get_logger().info('autostart: active')
+    return True
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point ``moog_node`` (ROS arguments go after ``--ros-args``).
+
+    Exits with status 1 when a parameter is invalid or, with ``autostart``, when configure or
+    activate fails.
+    """
+    rclpy.init(args=args)
+    node = None
+    ok = True
+    try:
+        node = MoogNode()
+        executor = MultiThreadedExecutor(num_threads=3)
+        executor.add_node(node)
+        ok = not node.get_parameter('autostart').value or _autostart(node)
+        if ok:
+            executor.spin()
+    except ParameterException as err:  # a bad value from the command line or a params file
+        rclpy.logging.get_logger(NODE_NAME).fatal(f'invalid parameters: {err}')
+        ok = False
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()
