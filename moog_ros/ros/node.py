@@ -104,7 +104,7 @@ class MoogNode(LifecycleNode):
         self._model_name = ''
         self._pubs: dict[str, Any] = {}
         self._subs: list = []
-        self._services: list = []
+        self._own_services: list = []
         self._timer = None
         self._wake = None
         self._inference_group = MutuallyExclusiveCallbackGroup()
@@ -170,7 +170,7 @@ class MoogNode(LifecycleNode):
             self.create_subscription(PointCloud2, '~/add_points_batch', self._on_add_points,
                                      _COMMAND_QOS),
         ]
-        self._services = [
+        self._own_services = [
             self.create_service(Trigger, '~/reset', self._on_reset),
             self.create_service(Trigger, '~/clear_points', self._on_clear_points),
         ]
@@ -203,9 +203,9 @@ class MoogNode(LifecycleNode):
         self._active = False
         for sub in self._subs:
             self.destroy_subscription(sub)
-        for srv in self._services:
+        for srv in self._own_services:
             self.destroy_service(srv)
-        self._subs, self._services = [], []
+        self._subs, self._own_services = [], []
         if self._timer is not None:
             self.destroy_timer(self._timer)
             self._timer = None
