@@ -1,0 +1,584 @@
+"""Readout heads on MooG tokens: dense depth, recurrent point tracks and recurrent boxes.
+
+Every readout consumes ``readout_features(step_out)`` = predicted ++ corrected tokens
+``[B, 2K, D]`` of one frame and runs online inside the same step loop as the backbone.
+
+- **Depth** (grid-based readout, official ``DenseReadout``): pixel queries
+  ``zeros(D) ++ Fourier(pixel)`` cross-attend into the tokens (``PixelDecoder``, the same module
+  as the RGB decoder) and give one log-depth per pixel. Dense maps are decoded on a strided grid
+  of integer pixels and upsampled bilinearly, so cost is set by ``query_stride``.
+- **Points** and **boxes** (set-based readouts, official ``ConditionalAutoregressiveReadout``):
+  each query (a point or a box) is encoded by ``MLP(Fourier(query))`` into an initial latent
+  ``q0``; per frame ``c = s + TransformerReadout(s, kv=features)`` (cross-attention only, so
+  queries never interact), ``s = LN_eps1e-4(c + MLP(c))``; the outputs are read from ``c``.
+  A per-query start frame resets the latent to ``q0`` at that frame, which is how queries on
+  any frame (online or batched in training) go through one code path.
+
+Coordinate conventions (``docs/architecture.md``): pixels ``xy`` with centres at integers.
+Point positions are a sigmoid in [0, 1] mapped to the first..last pixel *centre*
+(``x = p * (W - 1)``, the same normalisation as the Fourier features). Boxes are a sigmoid
+centre/size in [0, 1] of the image *extent* ``[-0.5, W - 0.5]`` (``x = u * W - 0.5``), so a box
+covering the whole image is representable; ``x_min <= x_max`` holds by construction. Boxes are
+not clipped to the image (clipping would cut the gradient of an edge predicted outside it).
+
+Losses live here too (pure torch, masked means over the entries that carry labels):
+
+- ``depth_loss``: L1 on log-depth by default. Log-depth penalises relative error equally at
+  every range (metric L1 is dominated by the far background). Chosen by measurement against
+  L1 + 0.5 x the per-frame std of the log error, Eigen's scale-invariant log loss and metric
+  L1: frozen 'tiny' MooG on generated clips, 800 steps, 2 seeds, held-out clips, plain L1-log
+  gave the best AbsRel / delta1 (0.378 / 0.501 vs 0.396 / 0.487, 0.419 / 0.462 (1 seed) and
+  0.382 / 0.492); the other kinds stay available (``DEPTH_LOSSES``).
+- ``point_track_losses``: TAPIR-style, as the same group's Kauldron tracking readout: Huber on
+  the normalised position masked by visibility, BCE on visibility, BCE on certainty with the
+  label ``|pred - gt| <= threshold`` computed on a detached prediction.
+- ``box_losses``: L1 on the normalised box + generalised IoU on valid frames, BCE on presence.
+
+References:
+    google-deepmind/representations4d ``moog/modules.py`` (``DenseReadout``,
+    ``ConditionalAutoregressiveReadout``, ``MLP``), ``moog/configs/movi.py`` (readout sizes);
+    google-deepmind/scivid ``losses/tap.py`` (tracking losses); DETR / GIoU (box losses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from moog_ros.model.config import ConfigBase, ConfigError, TransformerConfig
+from moog_ros.model.layers import (
+    LayerNorm,
+    Mlp,
+    PixelDecoder,
+    Transformer,
+    fourier_features,
+    init_flax_style_,
+    pixels_xy_to_unit_yx,
+    subsampled_pixels_xy,
+)
+
+__all__ = [
+    'BoxReadout',
+    'BoxReadoutConfig',
+    'DEPTH_LOSSES',
+    'DepthReadout',
+    'DepthReadoutConfig',
+    'PointReadout',
+    'PointReadoutConfig',
+    'READOUT_PRESETS',
+    'RecurrentQueryReadout',
+    'box_losses',
+    'boxes_xyxy_to_unit',
+    'dense_query_pixels',
+    'depth_loss',
+    'generalized_box_iou',
+    'get_box_config',
+    'get_depth_config',
+    'get_point_config',
+    'point_track_losses',
+    'points_visible',
+    'points_xy_to_unit',
+    'unit_to_boxes_xyxy',
+    'unit_to_points_xy',
+]
+
+DEPTH_LOSSES = ('l1_log', 'l1_log_si', 'si_log', 'l1_m')
+
+
+def _require(config: ConfigBase, condition: bool, message: str) -> None:
+    # Same message shape as moog_ros.model.config: from_dict swaps the class name for the path.
+    if not condition:
+        raise ConfigError(f'{type(config).__name__}: {message}')
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthReadoutConfig(ConfigBase):
+    """Dense depth readout: cross-only pixel decoder over the readout features, one channel."""
+
+    transformer: TransformerConfig = TransformerConfig(
+        num_layers=3, num_heads=8, qkv_size=512, mlp_size=2048, self_attention=False)
+    num_fourier_bands: int = 16
+    # Queries = zeros(feature width) ++ Fourier as the official DenseReadout; False = Fourier
+    # alone, projected to transformer.hidden_size (a learned projection: narrower, cheaper).
+    zero_pad_queries: bool = True
+    query_stride: int = 4  # dense maps: decode every 4th pixel per axis, then bilinear upsample
+    train_factor: int = 8  # training: every 8th pixel per axis with a random phase (as RGB)
+    median_depth_m: float = 10.0  # log-depth offset: depth = exp(out + log(median_depth_m))
+
+    def __post_init__(self) -> None:
+        _require(self, not self.transformer.self_attention and self.transformer.cross_attention,
+                 'transformer must be cross-attention only '
+                 '(self_attention false, cross_attention true)')
+        _require(self, self.num_fourier_bands >= 1,
+                 f'num_fourier_bands must be >= 1, got {self.num_fourier_bands}')
+        _require(self, self.zero_pad_queries or self.transformer.hidden_size is not None,
+                 'zero_pad_queries false needs transformer.hidden_size (the query projection)')
+        _require(self, self.query_stride >= 1 and self.train_factor >= 1,
+                 f'query_stride and train_factor must be >= 1, got {self.query_stride}, '
+                 f'{self.train_factor}')
+        _require(self, math.isfinite(self.median_depth_m) and self.median_depth_m > 0.0,
+                 f'median_depth_m must be a positive number of metres, got {self.median_depth_m}')
+
+
+@dataclasses.dataclass(frozen=True)
+class _RecurrentReadoutConfig(ConfigBase):
+    """Fields shared by the recurrent (``ConditionalAutoregressiveReadout``) readouts."""
+
+    width: int = 512  # latent width D_r of each query
+    num_fourier_bands: int = 16
+    query_mlp_size: int = 512  # hidden width of MLP(Fourier(query)) -> q0
+    # TransformerReadout: in-Dense to hidden_size, cross-only layers, out-Dense back to width.
+    transformer: TransformerConfig = TransformerConfig(
+        num_layers=3, num_heads=8, qkv_size=512, mlp_size=2048, self_attention=False,
+        hidden_size=512, output_size=512)
+    predictor_mlp_size: int = 512  # s = LN(c + MLP(c))
+    head_mlp_size: int = 512  # hidden width of each output MLP
+    state_norm_eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _require(self, self.width >= 1, f'width must be >= 1, got {self.width}')
+        _require(self, self.num_fourier_bands >= 1,
+                 f'num_fourier_bands must be >= 1, got {self.num_fourier_bands}')
+        _require(self, not self.transformer.self_attention and self.transformer.cross_attention,
+                 'transformer must be cross-attention only (queries must not interact, so '
+                 'a query added later gives the same result as one present from the start)')
+        out = self.transformer.output_size or self.transformer.hidden_size
+        _require(self, out is None or out == self.width,
+                 f'transformer output width ({out}) must equal width ({self.width}) because '
+                 'it is added to the latent')
+        for name in ('query_mlp_size', 'predictor_mlp_size', 'head_mlp_size'):
+            _require(self, getattr(self, name) >= 1,
+                     f'{name} must be >= 1, got {getattr(self, name)}')
+        _require(self, self.state_norm_eps > 0.0,
+                 f'state_norm_eps must be > 0, got {self.state_norm_eps}')
+
+
+@dataclasses.dataclass(frozen=True)
+class PointReadoutConfig(_RecurrentReadoutConfig):
+    """Recurrent point-track readout: query (x, y) -> position, visibility, certainty."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxReadoutConfig(_RecurrentReadoutConfig):
+    """Recurrent box readout: seed box (xyxy) -> box per frame and a presence logit."""
+
+
+def _recurrent_preset(cls: type, width: int, layers: int, heads: int, qkv: int, mlp: int,
+                      head_mlp: int, bands: int) -> _RecurrentReadoutConfig:
+    return cls(width=width, num_fourier_bands=bands, query_mlp_size=head_mlp,
+               transformer=TransformerConfig(num_layers=layers, num_heads=heads, qkv_size=qkv,
+                                             mlp_size=mlp, self_attention=False,
+                                             hidden_size=width, output_size=width),
+               predictor_mlp_size=head_mlp, head_mlp_size=head_mlp)
+
+
+# 'paper' follows the official config (movi.py); 'small' pairs with the CPU-sized 'small'
+# backbone (token width 192); 'tiny' is for tests (milliseconds per step).
+_DEPTH_PRESETS = {
+    'paper': lambda: DepthReadoutConfig(),
+    # Measured on 1 CPU thread at 128x128 (backbone step ~40 ms): a stride-4 map (1024
+    # queries) takes ~175 ms with zero-padded 192 + 64 wide queries, ~130 ms with these
+    # projected 128-wide ones (0.66M vs 1.14M parameters); stride 8 takes ~35 ms.
+    'small': lambda: DepthReadoutConfig(
+        transformer=TransformerConfig(num_layers=3, num_heads=4, qkv_size=128, mlp_size=512,
+                                      self_attention=False, hidden_size=128),
+        zero_pad_queries=False),
+    'tiny': lambda: DepthReadoutConfig(
+        transformer=TransformerConfig(num_layers=1, num_heads=2, qkv_size=32, mlp_size=64,
+                                      self_attention=False),
+        num_fourier_bands=4, query_stride=2, train_factor=4),
+}
+_RECURRENT_SIZES = {  # width, layers, heads, qkv, mlp, head_mlp, Fourier bands
+    'paper': (512, 3, 8, 512, 2048, 512, 16),
+    'small': (192, 3, 4, 192, 512, 256, 16),
+    'tiny': (32, 1, 2, 32, 64, 32, 4),
+}
+READOUT_PRESETS = ('paper', 'small', 'tiny')
+
+
+def _check_preset(name: str) -> None:
+    if name not in READOUT_PRESETS:
+        raise ValueError(f'unknown readout preset {name!r}; choose one of {READOUT_PRESETS}')
+
+
+def get_depth_config(name: str) -> DepthReadoutConfig:
+    """Depth readout preset: 'paper', 'small' or 'tiny'."""
+    _check_preset(name)
+    return _DEPTH_PRESETS[name]()
+
+
+def get_point_config(name: str) -> PointReadoutConfig:
+    """Point-track readout preset: 'paper', 'small' or 'tiny'."""
+    _check_preset(name)
+    return _recurrent_preset(PointReadoutConfig, *_RECURRENT_SIZES[name])
+
+
+def get_box_config(name: str) -> BoxReadoutConfig:
+    """Box readout preset: 'paper', 'small' or 'tiny'."""
+    _check_preset(name)
+    return _recurrent_preset(BoxReadoutConfig, *_RECURRENT_SIZES[name])
+
+
+# --------------------------------------------------------------------------------------------
+# Coordinate helpers (one place for each normalisation)
+
+
+def points_xy_to_unit(xy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel ``xy`` -> [0, 1] per axis, 0 / 1 = first / last pixel centre (point positions)."""
+    h, w = image_size
+    scale = xy.new_tensor([max(w - 1, 1), max(h - 1, 1)])
+    return xy / scale
+
+
+def unit_to_points_xy(unit: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``points_xy_to_unit``."""
+    h, w = image_size
+    return unit * unit.new_tensor([max(w - 1, 1), max(h - 1, 1)])
+
+
+def boxes_xyxy_to_unit(xyxy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel ``xyxy`` -> [0, 1] of the image extent (``-0.5`` -> 0, ``W - 0.5`` -> 1)."""
+    h, w = image_size
+    return (xyxy + 0.5) / xyxy.new_tensor([w, h, w, h])
+
+
+def unit_to_boxes_xyxy(unit: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``boxes_xyxy_to_unit``."""
+    h, w = image_size
+    return unit * unit.new_tensor([w, h, w, h]) - 0.5
+
+
+def points_visible(visible_logit: torch.Tensor, certain_logit: torch.Tensor) -> torch.Tensor:
+    """TAPIR-style decision: visible iff ``sigmoid(vis) * sigmoid(cert) > 0.5``."""
+    return torch.sigmoid(visible_logit) * torch.sigmoid(certain_logit) > 0.5
+
+
+def dense_query_pixels(image_size: tuple[int, int], stride: int,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+    """Integer pixel ``xy`` of the strided dense-depth grid: ``stride * i + stride // 2``.
+
+    Integer pixels only: the high Fourier bands alias between pixel centres, so the readout is
+    queried only where it was trained (training decodes integer pixels too).
+
+    Returns:
+        ``[h * w, 2]`` row-major, ``h = H / stride``, ``w = W / stride``.
+    """
+    return subsampled_pixels_xy(1, image_size, stride, random_shift=False, device=device)[0]
+
+
+def _upsample_matrix(size: int, stride: int, device: torch.device) -> torch.Tensor:
+    """``[size, size / stride]`` linear interpolation from grid samples at ``stride*i+stride//2``
+    to every pixel, clamped at the borders (so bilinear upsampling is two small matmuls)."""
+    n = size // stride
+    pos = (torch.arange(size, device=device, dtype=torch.float32) - stride // 2) / stride
+    pos = pos.clamp(0, n - 1)  # [size] fractional index into the grid
+    lo = pos.floor().long().clamp(max=n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    frac = pos - lo.float()
+    mat = torch.zeros(size, n, device=device, dtype=torch.float32)
+    rows = torch.arange(size, device=device)
+    mat[rows, lo] += 1.0 - frac
+    mat[rows, hi] += frac
+    return mat
+
+
+# --------------------------------------------------------------------------------------------
+# Depth
+
+
+class DepthReadout(nn.Module):
+    """Per-frame depth at any pixels; dense maps via a strided grid + bilinear upsampling.
+
+    Args:
+        cfg: the depth readout config.
+        feature_width: width D of the readout features.
+        image_size: (H, W) model resolution the pixel coordinates refer to.
+    """
+
+    def __init__(self, cfg: DepthReadoutConfig, feature_width: int,
+                 image_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.config = cfg
+        self.image_size = tuple(image_size)
+        # Queries are zeros(D) ++ Fourier, as the official DenseReadout (an SRTDecoder), or the
+        # Fourier features alone when the transformer's input Dense projects them.
+        self.decoder = PixelDecoder(cfg.transformer,
+                                    zero_width=feature_width if cfg.zero_pad_queries else 0,
+                                    kv_width=feature_width,
+                                    num_fourier_bands=cfg.num_fourier_bands, out_channels=1,
+                                    image_size=self.image_size)
+        self.log_offset = math.log(cfg.median_depth_m)
+        init_flax_style_(self)
+
+    def log_depth(self, features: torch.Tensor, coords_xy: torch.Tensor) -> torch.Tensor:
+        """features ``[B, N, D]``, coords_xy ``[B, Q, 2]`` pixels -> ``[B, Q]`` log metres."""
+        # float32 before the offset and exp: bf16 would quantise depth to ~0.4 % steps.
+        return self.decoder(features, coords_xy)[..., 0].float() + self.log_offset
+
+    def forward(self, features: torch.Tensor, coords_xy: torch.Tensor) -> torch.Tensor:
+        """Depth in metres at the given pixels: ``[B, Q]``."""
+        return torch.exp(self.log_depth(features, coords_xy))
+
+    def dense(self, features: torch.Tensor, stride: int | None = None) -> torch.Tensor:
+        """A full ``[B, H, W]`` depth map (metres) from a grid at ``stride`` (default config).
+
+        Log-depth is interpolated (then exponentiated), which keeps the map positive and
+        interpolates relative depth evenly at every range.
+        """
+        stride = stride or self.config.query_stride
+        H, W = self.image_size
+        if H % stride or W % stride:
+            raise ValueError(f'depth query stride {stride} must divide image size {H}x{W}')
+        B = features.shape[0]
+        coords = dense_query_pixels(self.image_size, stride, features.device)  # [Q, 2]
+        grid = self.log_depth(features, coords.expand(B, -1, -1))  # [B, h * w]
+        grid = grid.view(B, H // stride, W // stride)
+        if stride > 1:
+            rows = _upsample_matrix(H, stride, features.device)  # [H, h]
+            cols = _upsample_matrix(W, stride, features.device)  # [W, w]
+            grid = rows @ grid @ cols.T  # [B, H, W]
+        return torch.exp(grid)
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrent query readouts (points, boxes)
+
+
+class RecurrentQueryReadout(nn.Module):
+    """``ConditionalAutoregressiveReadout``: per-query latents updated frame by frame.
+
+    Args:
+        cfg: the readout config.
+        query_dims: coordinates per query (2 for a point, 4 for a box), each in [-1, 1].
+        feature_width: width D of the readout features.
+        heads: output name -> channels; each is ``Mlp(width, head_mlp_size, channels)`` of ``c``.
+    """
+
+    def __init__(self, cfg: _RecurrentReadoutConfig, query_dims: int, feature_width: int,
+                 heads: dict[str, int]) -> None:
+        super().__init__()
+        self.config = cfg
+        self.query_dims = query_dims
+        self.query_mlp = Mlp(2 * query_dims * cfg.num_fourier_bands, cfg.query_mlp_size,
+                             cfg.width)
+        self.transformer = Transformer(cfg.transformer, cfg.width, kv_width=feature_width)
+        self.predictor = Mlp(cfg.width, cfg.predictor_mlp_size, cfg.width)
+        self.state_norm = LayerNorm(cfg.width, eps=cfg.state_norm_eps)
+        self.heads = nn.ModuleDict(
+            {name: Mlp(cfg.width, cfg.head_mlp_size, ch) for name, ch in heads.items()})
+        init_flax_style_(self)
+
+    def initial_latents(self, query_unit: torch.Tensor) -> torch.Tensor:
+        """q0 = MLP(Fourier(query)): ``[B, M, query_dims]`` in [-1, 1] -> ``[B, M, width]``."""
+        return self.query_mlp(fourier_features(query_unit, self.config.num_fourier_bands))
+
+    def forward(self, latents: torch.Tensor, features: torch.Tensor
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One frame: ``latents [B, M, Dr]``, ``features [B, N, D]``.
+
+        Returns:
+            ``(heads, next_latents)``: head name -> ``[B, M, channels]`` read from the corrected
+            latents ``c``; ``next_latents = LN(c + MLP(c))`` ``[B, M, Dr]``.
+        """
+        if latents.shape[1] == 0:  # no queries: nothing to attend with
+            empty = {name: latents.new_zeros(*latents.shape[:2], head.out.out_features)
+                     for name, head in self.heads.items()}
+            return empty, latents
+        corrected = latents + self.transformer(latents, features.to(latents.dtype))
+        outputs = {name: head(corrected) for name, head in self.heads.items()}
+        return outputs, self.state_norm(corrected + self.predictor(corrected))
+
+
+class PointReadout(RecurrentQueryReadout):
+    """Point tracks: query ``xy`` -> per frame position (pixels), visibility and certainty."""
+
+    def __init__(self, cfg: PointReadoutConfig, feature_width: int,
+                 image_size: tuple[int, int]) -> None:
+        super().__init__(cfg, 2, feature_width, {'position': 2, 'logits': 2})
+        self.image_size = tuple(image_size)
+
+    def initial_from_xy(self, xy: torch.Tensor) -> torch.Tensor:
+        """q0 for query pixels ``[B, M, 2]`` xy -> ``[B, M, width]``."""
+        return self.initial_latents(pixels_xy_to_unit_yx(xy, self.image_size))
+
+    def decode_outputs(self, heads: dict[str, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Heads -> ``(xy [B, M, 2] pixels, visible_logit [B, M], certain_logit [B, M])``."""
+        xy = unit_to_points_xy(torch.sigmoid(heads['position'].float()), self.image_size)
+        logits = heads['logits'].float()
+        return xy, logits[..., 0], logits[..., 1]
+
+
+class BoxReadout(RecurrentQueryReadout):
+    """Boxes: seed ``xyxy`` -> per frame box (pixels, ordered) and a presence logit."""
+
+    def __init__(self, cfg: BoxReadoutConfig, feature_width: int,
+                 image_size: tuple[int, int]) -> None:
+        super().__init__(cfg, 4, feature_width, {'box': 4, 'presence': 1})
+        self.image_size = tuple(image_size)
+
+    def initial_from_xyxy(self, xyxy: torch.Tensor) -> torch.Tensor:
+        """q0 for seed boxes ``[B, M, 4]`` xyxy pixels -> ``[B, M, width]``."""
+        # Both corners in the Fourier (y, x) in [-1, 1] normalisation, like the official
+        # box head's Fourier embedding of the 4 coordinates.
+        corners = pixels_xy_to_unit_yx(xyxy.unflatten(-1, (2, 2)), self.image_size)
+        return self.initial_latents(corners.flatten(-2))
+
+    def decode_outputs(self, heads: dict[str, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs -> ``(xyxy [B, M, 4] pixels, presence_logit [B, M])``."""
+        params = torch.sigmoid(heads['box'].float())  # centre x, centre y, width, height
+        centre, size = params[..., :2], params[..., 2:]
+        unit = torch.cat([centre - 0.5 * size, centre + 0.5 * size], dim=-1)
+        return unit_to_boxes_xyxy(unit, self.image_size), heads['presence'].float()[..., 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # where() rather than a product: a NaN / inf in a masked-out entry must not leak (0 * NaN).
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp(min=1).to(values.dtype)
+
+
+def depth_loss(pred_m: torch.Tensor, target_m: torch.Tensor, *,
+               kind: Literal['l1_log', 'l1_log_si', 'si_log', 'l1_m'] = 'l1_log',
+               si_weight: float = 0.5) -> torch.Tensor:
+    """Depth loss over the pixels with a finite, positive target.
+
+    Args:
+        pred_m: ``[B, ..., Q]`` predicted metres (> 0); the last axis is one frame's pixels.
+        target_m: same shape; NaN / inf / <= 0 mark unknown depth.
+        kind: 'l1_log' (mean |log pred - log gt|), 'l1_log_si' (that + ``si_weight`` times
+            the per-frame std of the log error), 'si_log' (the scale-invariant term alone plus
+            0.15 of the squared mean, as Eigen et al.), or 'l1_m' (L1 in metres).
+        si_weight: weight of the scale-invariant term for 'l1_log_si'.
+
+    Returns:
+        Scalar loss (0 with no valid pixel, still differentiable).
+    """
+    if pred_m.shape != target_m.shape:
+        raise ValueError(f'depth prediction {tuple(pred_m.shape)} and target '
+                         f'{tuple(target_m.shape)} must have the same shape')
+    if kind not in DEPTH_LOSSES:
+        raise ValueError(f'unknown depth loss {kind!r}; choose one of {DEPTH_LOSSES}')
+    valid = torch.isfinite(target_m) & (target_m > 0)
+    safe_target = torch.where(valid, target_m, torch.ones_like(target_m))
+    if kind == 'l1_m':
+        return _masked_mean((pred_m - safe_target).abs(), valid)
+    diff = torch.log(pred_m.clamp(min=1e-6)) - torch.log(safe_target)  # log error
+    diff = torch.where(valid, diff, torch.zeros_like(diff))
+    l1 = _masked_mean(diff.abs(), valid)
+    if kind == 'l1_log':
+        return l1
+    # Per-frame moments of the log error over its valid pixels.
+    weight = valid.to(diff.dtype)
+    count = weight.sum(-1)
+    has = count > 1
+    mean = (diff * weight).sum(-1) / count.clamp(min=1.0)
+    var = ((diff - mean[..., None]) ** 2 * weight).sum(-1) / count.clamp(min=1.0)
+    if kind == 'l1_log_si':
+        std = torch.sqrt(var + 1e-8)
+        return l1 + si_weight * _masked_mean(std, has)
+    # Eigen et al. 2014 scale-invariant log loss with lambda = 0.85.
+    si = var + 0.15 * mean ** 2
+    return _masked_mean(torch.sqrt(si + 1e-8), has)
+
+
+def point_track_losses(pred_xy: torch.Tensor, visible_logit: torch.Tensor,
+                       certain_logit: torch.Tensor, target_xy: torch.Tensor,
+                       target_visible: torch.Tensor, active: torch.Tensor,
+                       image_size: tuple[int, int], *, huber_delta_px: float = 1.0,
+                       certainty_threshold_px: float = 6.0, position_weight: float = 100.0,
+                       visibility_weight: float = 0.1, certainty_weight: float = 0.1
+                       ) -> dict[str, torch.Tensor]:
+    """TAPIR-style point-track losses (positions normalised by the image size).
+
+    Args:
+        pred_xy: ``[B, T, M, 2]`` predicted pixels.
+        visible_logit, certain_logit: ``[B, T, M]``.
+        target_xy: ``[B, T, M, 2]`` ground-truth pixels (any value where not visible).
+        target_visible: ``[B, T, M]`` bool.
+        active: ``[B, T, M]`` bool, True at and after each query's start frame (only those count).
+        image_size: (H, W) of the pixel coordinates.
+        huber_delta_px: Huber delta in pixels (the official 1 / resolution in normalised units).
+        certainty_threshold_px: a prediction within this distance is labelled certain.
+        position_weight, visibility_weight, certainty_weight: loss weights (100, 0.1, 0.1).
+
+    Returns:
+        ``{'position', 'visibility', 'certainty', 'total'}`` scalars (weights applied to total).
+    """
+    h, w = image_size
+    scale = float(max(h, w) - 1 if max(h, w) > 1 else 1)
+    target_xy = torch.where(target_visible[..., None], target_xy, pred_xy.detach())
+    error = (pred_xy - target_xy) / scale  # [B, T, M, 2] normalised
+    # Huber on the Euclidean distance (isotropic), as TAPIR.
+    dist = torch.sqrt((error ** 2).sum(-1) + 1e-12)
+    delta = huber_delta_px / scale
+    huber = torch.where(dist < delta, 0.5 * dist ** 2, delta * (dist - 0.5 * delta))
+    position = _masked_mean(huber, active & target_visible)
+    visibility = _masked_mean(F.binary_cross_entropy_with_logits(
+        visible_logit, target_visible.to(visible_logit.dtype), reduction='none'), active)
+    with torch.no_grad():
+        within = (pred_xy - target_xy).norm(dim=-1) <= certainty_threshold_px
+    certainty = _masked_mean(F.binary_cross_entropy_with_logits(
+        certain_logit, within.to(certain_logit.dtype), reduction='none'), active & target_visible)
+    total = (position_weight * position + visibility_weight * visibility
+             + certainty_weight * certainty)
+    return {'position': position, 'visibility': visibility, 'certainty': certainty,
+            'total': total}
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise GIoU of ordered ``xyxy`` boxes ``[..., 4]`` -> ``[...]`` in [-1, 1]."""
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    lo = torch.maximum(a[..., :2], b[..., :2])
+    hi = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    iou = inter / union.clamp(min=1e-9)
+    hull = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2]))
+    hull_area = hull.clamp(min=0).prod(-1)
+    return iou - (hull_area - union) / hull_area.clamp(min=1e-9)
+
+
+def box_losses(pred_xyxy: torch.Tensor, presence_logit: torch.Tensor, target_xyxy: torch.Tensor,
+               target_valid: torch.Tensor, active: torch.Tensor, image_size: tuple[int, int], *,
+               l1_weight: float = 5.0, giou_weight: float = 2.0, presence_weight: float = 1.0
+               ) -> dict[str, torch.Tensor]:
+    """Box losses: L1 (normalised to the image extent) + GIoU on valid frames, BCE on presence.
+
+    Args:
+        pred_xyxy: ``[B, T, M, 4]`` predicted pixels.
+        presence_logit: ``[B, T, M]``.
+        target_xyxy: ``[B, T, M, 4]`` ground-truth pixels (any value where not valid).
+        target_valid: ``[B, T, M]`` bool (object visible in that frame).
+        active: ``[B, T, M]`` bool, True at and after each box's seed frame.
+        image_size: (H, W).
+        l1_weight, giou_weight, presence_weight: loss weights (DETR's 5 and 2 for the box).
+
+    Returns:
+        ``{'l1', 'giou', 'presence', 'total'}`` scalars.
+    """
+    on = active & target_valid
+    pred_unit = boxes_xyxy_to_unit(pred_xyxy, image_size)
+    target_unit = boxes_xyxy_to_unit(torch.where(on[..., None], target_xyxy,
+                                                 pred_xyxy.detach()), image_size)
+    l1 = _masked_mean((pred_unit - target_unit).abs().sum(-1), on)
+    giou = _masked_mean(1.0 - generalized_box_iou(pred_unit, target_unit), on)
+    presence = _masked_mean(F.binary_cross_entropy_with_logits(
+        presence_logit, target_valid.to(presence_logit.dtype), reduction='none'), active)
+    total = l1_weight * l1 + giou_weight * giou + presence_weight * presence
+    return {'l1': l1, 'giou': giou, 'presence': presence, 'total': total}
