@@ -543,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dist_info = init_distributed(cfg.train.device)
     try:
-        return _train(args, cfg, dist_info)
+        code = _train(args, cfg, dist_info)
+        # Every rank finishes its last collective before any tears the group down: a
+        # gloo peer that leaves early aborts a rank still in flight ("terminate called").
+        barrier(dist_info)
+        return code
     except (CheckpointError, ValueError, FileExistsError, FileNotFoundError) as error:
         print0(dist_info, f'{PROG}: {error}', file=sys.stderr)
         return 2

@@ -272,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     # ---- processes, device, seeds ------------------------------------------------------------
     dist_info = init_distributed(cfg.train.device)
     try:
-        return _train(args, cfg, moog_cfg, dist_info)
+        code = _train(args, cfg, moog_cfg, dist_info)
+        # Every rank finishes its last collective before any tears the group down: a
+        # gloo peer that leaves early aborts a rank still in flight ("terminate called").
+        barrier(dist_info)
+        return code
     except (CheckpointError, ClipFormatError, common.ConfigError, FileExistsError,
             FileNotFoundError) as error:
         # Bad input (files, folders, checkpoints): the message names it; no traceback needed.

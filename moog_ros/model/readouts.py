@@ -182,15 +182,16 @@ def _recurrent_preset(cls: type, width: int, layers: int, heads: int, qkv: int, 
 
 
 # 'paper' follows the official config (movi.py); 'small' pairs with the CPU-sized 'small'
-# backbone (token width 192); 'tiny' is for tests (milliseconds per step).
+# backbone (token width 128); 'tiny' is for tests (milliseconds per step).
 _DEPTH_PRESETS = {
     'paper': lambda: DepthReadoutConfig(),
-    # Measured on 1 CPU thread at 128x128 (backbone step ~40 ms): a stride-4 map (1024
-    # queries) takes ~175 ms with zero-padded 192 + 64 wide queries, ~130 ms with these
-    # projected 128-wide ones (0.66M vs 1.14M parameters); stride 8 takes ~35 ms.
+    # Sized for the node's latency budget (all outputs <= 33 ms p50 on 2 CPU cores). One CPU
+    # thread, 128x128, machine under load, with 64 points and 8 boxes: the earlier 3 x 128-wide
+    # depth decoder (stride 4) with 192-wide recurrent readouts made a full step 387 ms against a
+    # 78 ms backbone step; these sizes (depth stride 8 for that run) made it 157 ms against 83 ms.
     'small': lambda: DepthReadoutConfig(
-        transformer=TransformerConfig(num_layers=3, num_heads=4, qkv_size=128, mlp_size=512,
-                                      self_attention=False, hidden_size=128),
+        transformer=TransformerConfig(num_layers=2, num_heads=4, qkv_size=96, mlp_size=256,
+                                      self_attention=False, hidden_size=96),
         zero_pad_queries=False),
     'tiny': lambda: DepthReadoutConfig(
         transformer=TransformerConfig(num_layers=1, num_heads=2, qkv_size=32, mlp_size=64,
@@ -199,7 +200,7 @@ _DEPTH_PRESETS = {
 }
 _RECURRENT_SIZES = {  # width, layers, heads, qkv, mlp, head_mlp, Fourier bands
     'paper': (512, 3, 8, 512, 2048, 512, 16),
-    'small': (192, 3, 4, 192, 512, 256, 16),
+    'small': (128, 2, 4, 128, 256, 256, 16),
     'tiny': (32, 1, 2, 32, 64, 32, 4),
 }
 READOUT_PRESETS = ('paper', 'small', 'tiny')
