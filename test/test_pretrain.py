@@ -60,6 +60,11 @@ def rows(out: Path, kind: str) -> list[dict]:
 
 
 @pytest.mark.slow
+def loaded_model_config(run_dir):
+    return json.loads((run_dir / 'checkpoints' / 'latest' / 'config.json').read_text())[
+        'configs']['model']
+
+
 def test_loss_falls_and_run_folder_is_complete(clip_dir, tmp_path):
     out = tmp_path / 'run'
     assert run(clip_dir, out, '--set', 'train.steps=50') == 0
@@ -74,6 +79,9 @@ def test_loss_falls_and_run_folder_is_complete(clip_dir, tmp_path):
     assert {'val_psnr', 'val_psnr_copy_last', 'val_windows'} <= set(val[-1])
     saved = json.loads((out / 'config.json').read_text())
     assert saved['model']['preset'] == 'tiny' and saved['train']['steps'] == 50
+    # The whole model config is pinned in the run folder, so a later edit of the 'tiny' preset
+    # cannot change what --resume rebuilds.
+    assert saved['model']['overrides'] == loaded_model_config(out)
     assert saved['data']['train'] == str(clip_dir)
     assert (out / 'config.yaml').is_file()
     loaded = load_checkpoint(out / 'checkpoints' / 'latest')

@@ -275,7 +275,7 @@ def build_config(cls: type, yaml_path: str | Path | None = None,
 # Run folder and metrics
 
 def prepare_run_dir(out: str | Path, *, resume: bool) -> Path:
-    """Create the run folder (rank 0 only) and check it fits the resume choice.
+    """Create the run folder and check it fits the resume choice (safe to call on every rank).
 
     A fresh run refuses a folder that already holds checkpoints (so a finished run is never
     overwritten by accident); ``resume=True`` needs one.

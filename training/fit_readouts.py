@@ -588,10 +588,12 @@ def _train(args: argparse.Namespace, cfg: FitConfig, dist_info: DistInfo) -> int
                    file=sys.stderr)
             return 2
     run_dir = args.out
-    if dist_info.is_main:
-        common.prepare_run_dir(run_dir, resume=args.resume)
-        common.write_resolved_config(run_dir, cfg)
+    # Every rank checks the folder (same outcome everywhere), so a refused folder stops all ranks
+    # instead of leaving the others waiting at the barrier.
+    common.prepare_run_dir(run_dir, resume=args.resume)
     barrier(dist_info)
+    if dist_info.is_main:
+        common.write_resolved_config(run_dir, cfg)
     if resume_dir is not None:
         model = load_checkpoint(resume_dir, expected_kind='perception').model
         trainer_state = common.load_trainer_state(resume_dir)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 import math
 from pathlib import Path
@@ -313,7 +314,10 @@ def _train(args: argparse.Namespace, cfg: PretrainConfig, moog_cfg: MoogConfig,
     common.prepare_run_dir(run_dir, resume=args.resume)
     barrier(dist_info)
     if dist_info.is_main:
-        common.write_resolved_config(run_dir, cfg)
+        # Pin the whole model config, not just the preset name: a later change to the preset in
+        # code must not change (or refuse) the resume of this run.
+        pinned = dataclasses.replace(cfg.model, overrides=moog_cfg.to_dict())
+        common.write_resolved_config(run_dir, dataclasses.replace(cfg, model=pinned))
 
     # ---- model, optimiser, schedule ----------------------------------------------------------
     if resume_dir is not None:
