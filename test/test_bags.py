@@ -1,4 +1,8 @@
-"""rosbag2 reading (training/bags.py) and image payload decoding (training/image_codecs.py).
+"""rosbag2 reading (training/bags.py) and image payload decoding (moog_ros/image_codecs.py).
+
+The node-side wrappers of the same decoder (``conversions.image_to_rgb`` / ``compressed_to_rgb``)
+are tested with rclpy messages in test_conversions.py; here it is fed rosbags messages and raw
+fields.
 
 Bags are written here with rosbags' Writer (sqlite3 and MCAP), with header stamps deliberately
 out of bag-time order, and read back through the public API.
@@ -12,7 +16,8 @@ import pytest
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from moog_ros.training import bags, image_codecs
+from moog_ros import image_codecs
+from moog_ros.training import bags
 
 TS = get_typestore(Stores.ROS2_KILTED)
 Image = TS.types['sensor_msgs/msg/Image']
@@ -82,7 +87,8 @@ def test_decode_16bit_and_float_respect_byte_order_and_padding(bigendian):
 
     rgb16 = (np.arange(2 * 3 * 3, dtype=np.uint16).reshape(2, 3, 3) * 3000)
     out = image_codecs.image_msg_to_rgb(image_msg(0, rgb16, 'rgb16', pad=2, bigendian=bigendian))
-    np.testing.assert_array_equal(out, np.round(rgb16 / 257.0).astype(np.uint8))
+    # 16 -> 8 bits keeps the top byte (the node's choice, see image_codecs._to_8bit).
+    np.testing.assert_array_equal(out, (rgb16 >> 8).astype(np.uint8))
 
 
 def test_yuv422_orders_agree_and_have_colour():
@@ -102,14 +108,61 @@ def test_yuv422_orders_agree_and_have_colour():
 
 
 def test_decode_errors_name_the_problem():
-    with pytest.raises(image_codecs.ImageDecodeError, match='unsupported image encoding'):
-        image_codecs.decode_rgb('bayer_rggb8', 2, 2, 2, 0, bytes(4))
+    with pytest.raises(image_codecs.ImageDecodeError, match='unsupported encoding'):
+        image_codecs.decode_rgb('hsv8', 2, 2, 6, 0, bytes(12))
+    with pytest.raises(image_codecs.ImageDecodeError, match='unsupported depth encoding'):
+        image_codecs.decode_depth_m('rgb8', 2, 2, 6, 0, bytes(12))
     with pytest.raises(image_codecs.ImageDecodeError, match='needs 18 bytes'):
         image_codecs.decode_rgb('rgb8', 2, 3, 9, 0, bytes(10))
     with pytest.raises(image_codecs.ImageDecodeError, match='step 5 is smaller'):
         image_codecs.decode_rgb('rgb8', 2, 3, 5, 0, bytes(30))
     with pytest.raises(image_codecs.ImageDecodeError, match='could not decode'):
         image_codecs.decode_compressed_rgb('jpeg', b'not a jpeg at all')
+
+
+def test_node_encodings_decode_from_rosbags_messages():
+    """The node's extra encodings (bayer, nv12, float intensity) also reach bag training."""
+    mosaic = np.zeros((8, 8), np.uint8)
+    mosaic[0::2, 0::2], mosaic[1::2, 1::2] = 200, 30  # R, B; G elsewhere
+    mosaic[0::2, 1::2] = mosaic[1::2, 0::2] = 100
+    out = image_codecs.image_msg_to_rgb(image_msg(0, mosaic[..., None], 'bayer_rggb8', pad=3))
+    np.testing.assert_allclose(out[2:-2, 2:-2].reshape(-1, 3).mean(0), [200, 100, 30], atol=2)
+    mosaic16 = mosaic.astype(np.uint16) * 257
+    for bigendian in (False, True):
+        out16 = image_codecs.image_msg_to_rgb(
+            image_msg(0, mosaic16[..., None], 'bayer_rggb16', pad=2, bigendian=bigendian))
+        np.testing.assert_array_equal(out16, out)
+    blue = np.zeros((4, 8, 3), np.uint8)
+    blue[..., 2] = 255
+    i420 = cv2.cvtColor(blue, cv2.COLOR_RGB2YUV_I420).ravel()
+    nv12 = np.concatenate([i420[:32], np.stack([i420[32:40], i420[40:48]], 1).ravel()])
+    out = image_codecs.decode_rgb('nv12', 4, 8, 8, 0, nv12)  # a uint8 array as data
+    assert (abs(out.astype(int) - [0, 0, 255]) < 30).all()
+    grey = np.array([[0.0, 0.5, 1.0]], np.float32)
+    out = image_codecs.image_msg_to_rgb(image_msg(0, grey[..., None], '32FC1', bigendian=True))
+    np.testing.assert_array_equal(out[..., 0], [[0, 128, 255]])
+    with pytest.raises(image_codecs.ImageDecodeError, match='NaN'):
+        image_codecs.decode_rgb('32FC1', 1, 1, 4, 0, np.float32(np.nan).tobytes())
+    with pytest.raises(image_codecs.ImageDecodeError, match=r"'rgb8', 0x2, step 0\): zero size"):
+        image_codecs.decode_rgb('rgb8', 2, 0, 0, 0, b'')
+
+
+def test_compressed_colour_channel_order_from_format():
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = 220, 40
+    ok, rgb_inside = cv2.imencode('.png', rgb)  # bytes in RGB order, labelled as such
+    ok, bgr_inside = cv2.imencode('.png', rgb[..., ::-1])
+    np.testing.assert_array_equal(
+        image_codecs.decode_compressed_rgb('rgb8; png compressed rgb8', rgb_inside), rgb)
+    for fmt in ('rgb8; png compressed bgr8', 'png', 'PNG'):
+        np.testing.assert_array_equal(image_codecs.decode_compressed_rgb(fmt, bgr_inside), rgb)
+    ok, mono16 = cv2.imencode('.png', np.full((2, 3), 0x1234, np.uint16))
+    out = image_codecs.decode_compressed_rgb('mono16; png compressed mono16', mono16)
+    assert out.shape == (2, 3, 3) and (out == 0x12).all()
+    with pytest.raises(image_codecs.ImageDecodeError, match='compressedDepth'):
+        image_codecs.decode_compressed_rgb('16UC1; compressedDepth png', mono16)
+    with pytest.raises(image_codecs.ImageDecodeError, match='empty'):
+        image_codecs.decode_compressed_rgb('jpeg', b'')
 
 
 def test_compressed_depth_transport():

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from moog_ros.training import image_codecs
+from moog_ros import image_codecs
 
 __all__ = [
     'CAMERA_INFO_TYPE',

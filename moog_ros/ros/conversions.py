@@ -1,6 +1,7 @@
 """Pure ROS message <-> numpy conversions (no node, no spinning; unit-tested in isolation).
 
-Inputs: ``sensor_msgs/Image`` in the common encodings, ``CompressedImage`` (jpeg/png),
+Inputs: ``sensor_msgs/Image`` in the common encodings, ``CompressedImage`` (jpeg/png) -- both
+decoded by the pure :mod:`moog_ros.image_codecs` that bag training shares --,
 ``CameraInfo`` intrinsics, clicked points, batches of points and detector boxes.
 Outputs: REP 118 depth (``32FC1`` metres, NaN invalid), its ``CameraInfo`` scaled to the depth
 resolution, ``PointCloud2`` tracks, ``vision_msgs/Detection2DArray`` boxes with persistent ids,
@@ -19,7 +20,6 @@ from collections.abc import Collection, Iterable, Sequence
 import sys
 from typing import TYPE_CHECKING
 
-import cv2
 from geometry_msgs.msg import Point, PointStamped
 import numpy as np
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
@@ -33,6 +33,7 @@ from vision_msgs.msg import (
 )
 from visualization_msgs.msg import Marker, MarkerArray
 
+from moog_ros import image_codecs
 from moog_ros.imaging import FrameGeometry, draw_overlay, id_colour
 
 if TYPE_CHECKING:  # the runtime imports torch; conversions only needs its result type
@@ -40,7 +41,11 @@ if TYPE_CHECKING:  # the runtime imports torch; conversions only needs its resul
 
 
 class ConversionError(ValueError):
-    """A message that cannot be converted; the text names the message, field and problem."""
+    """A message that cannot be converted; the text names the message, field and problem.
+
+    Image decoding errors are :class:`moog_ros.image_codecs.ImageDecodeError` re-raised as this
+    class with the same text (and chained), so the node handles one error type.
+    """
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,35 +61,6 @@ def stamp_to_ns(stamp) -> int:
 # Images in.
 # ------------------------------------------------------------------------------------------------
 
-# encoding -> (channels, numpy dtype of one channel). 16-bit data honours is_bigendian.
-_PACKED = {
-    'rgb8': (3, np.uint8), 'bgr8': (3, np.uint8), 'rgba8': (4, np.uint8),
-    'bgra8': (4, np.uint8), 'mono8': (1, np.uint8), '8UC1': (1, np.uint8),
-    'rgb16': (3, np.uint16), 'bgr16': (3, np.uint16), 'rgba16': (4, np.uint16),
-    'bgra16': (4, np.uint16), 'mono16': (1, np.uint16), '16UC1': (1, np.uint16),
-    '32FC1': (1, np.float32),
-    'bayer_rggb8': (1, np.uint8), 'bayer_bggr8': (1, np.uint8),
-    'bayer_gbrg8': (1, np.uint8), 'bayer_grbg8': (1, np.uint8),
-    'bayer_rggb16': (1, np.uint16), 'bayer_bggr16': (1, np.uint16),
-    'bayer_gbrg16': (1, np.uint16), 'bayer_grbg16': (1, np.uint16),
-}
-# 4:2:2 packed YUV: 2 bytes per pixel. ROS's legacy 'yuv422' is UYVY and 'yuv422_yuy2' is YUYV
-# (sensor_msgs/image_encodings.hpp); the fourcc names are the current spelling.
-_YUV422 = {
-    'uyvy': cv2.COLOR_YUV2RGB_UYVY, 'yuv422': cv2.COLOR_YUV2RGB_UYVY,
-    'yuyv': cv2.COLOR_YUV2RGB_YUYV, 'yuv422_yuy2': cv2.COLOR_YUV2RGB_YUYV,
-}
-# 4:2:0 semi-planar: a full-resolution Y plane followed by a half-height interleaved UV plane.
-_YUV420SP = {'nv12': cv2.COLOR_YUV2RGB_NV12, 'nv21': cv2.COLOR_YUV2RGB_NV21}
-# OpenCV names Bayer patterns by the second row's first two pixels, so RGGB is its "BG".
-_BAYER = {
-    'rggb': cv2.COLOR_BayerBG2RGB, 'bggr': cv2.COLOR_BayerRG2RGB,
-    'gbrg': cv2.COLOR_BayerGR2RGB, 'grbg': cv2.COLOR_BayerGB2RGB,
-}
-
-SUPPORTED_ENCODINGS = tuple(sorted([*_PACKED, *_YUV422, *_YUV420SP]))
-
-
 def _bytes_view(data) -> np.ndarray:
     """uint8 view of a message's ``data`` (array.array, bytes or list) without copying."""
     if isinstance(data, list | tuple):  # only hand-built messages; the middleware gives buffers
@@ -95,92 +71,36 @@ def _bytes_view(data) -> np.ndarray:
 def image_to_rgb(msg: Image) -> np.ndarray:
     """Converts a ``sensor_msgs/Image`` to RGB uint8 ``[H, W, 3]``.
 
-    ``rgb8`` returns a zero-copy view of ``msg.data``; every other encoding costs one OpenCV
-    conversion. 16-bit data keeps its top 8 bits (full-range scaling: 12-bit cameras look dark,
-    but the mapping is the same on every frame, which a recurrent model needs). ``32FC1`` is
-    intensity in [0, 1].
+    A thin wrapper of :func:`moog_ros.image_codecs.decode_rgb` (the one decoder shared with
+    ``moog_infer`` and bag training): ``rgb8`` is a zero-copy view of ``msg.data``, 16-bit data
+    keeps its top 8 bits, ``32FC1`` is intensity in [0, 1].
 
     Raises:
         ConversionError: unsupported encoding, zero size, ``step`` too small, data shorter than
-            ``step * height`` or non-finite values in a float image.
+            ``step * height`` or non-finite values in a float image (the text of the codec's
+            :class:`~moog_ros.image_codecs.ImageDecodeError`, which it chains).
     """
-    encoding, W, H, step = msg.encoding, int(msg.width), int(msg.height), int(msg.step)
-    where = f'Image (encoding {encoding!r}, {W}x{H}, step {step})'
-    if W <= 0 or H <= 0:
-        raise ConversionError(f'{where}: zero size')
-    raw = _bytes_view(msg.data)
-    if encoding in _YUV422 or encoding in _YUV420SP:
-        row_bytes, rows = 2 * W, H
-        if encoding in _YUV420SP:
-            if W % 2 or H % 2:
-                raise ConversionError(f'{where}: nv12/nv21 need an even width and height')
-            row_bytes, rows = W, H * 3 // 2
-        elif W % 2:
-            raise ConversionError(f'{where}: 4:2:2 YUV needs an even width')
-        _check_layout(where, raw, step, row_bytes, rows)
-        planes = np.ndarray((rows, row_bytes), np.uint8, raw, strides=(step, 1))
-        if encoding in _YUV422:
-            planes = planes.reshape(rows, W, 2)
-            return cv2.cvtColor(planes, _YUV422[encoding])
-        return cv2.cvtColor(np.ascontiguousarray(planes), _YUV420SP[encoding])
-    if encoding not in _PACKED:
-        raise ConversionError(f'{where}: unsupported encoding; supported: '
-                              f'{", ".join(SUPPORTED_ENCODINGS)}')
-    channels, dtype = _PACKED[encoding]
-    dtype = np.dtype(dtype)
-    if dtype.itemsize > 1:
-        dtype = dtype.newbyteorder('>' if msg.is_bigendian else '<')
-    row_bytes = W * channels * dtype.itemsize
-    _check_layout(where, raw, step, row_bytes, H)
-    pixels = np.ndarray((H, W, channels), dtype, raw,
-                        strides=(step, channels * dtype.itemsize, dtype.itemsize))
-    if dtype.kind == 'f':
-        if not np.isfinite(pixels).all():
-            raise ConversionError(f'{where}: data contains NaN or Inf')
-        pixels = (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    elif dtype.itemsize == 2:
-        pixels = (pixels >> 8).astype(np.uint8)
-    if encoding.startswith('bayer_'):
-        return cv2.cvtColor(np.ascontiguousarray(pixels[..., 0]), _BAYER[encoding[6:10]])
-    if encoding == 'rgb8' or encoding == 'rgb16':
-        return pixels
-    if channels == 1:
-        return cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
-    code = {'bgr': cv2.COLOR_BGR2RGB, 'rgba': cv2.COLOR_RGBA2RGB,
-            'bgra': cv2.COLOR_BGRA2RGB}[encoding.rstrip('0123456789')]
-    return cv2.cvtColor(pixels, code)
-
-
-def _check_layout(where: str, raw: np.ndarray, step: int, row_bytes: int, rows: int) -> None:
-    if step < row_bytes:
-        raise ConversionError(f'{where}: step {step} is smaller than one row ({row_bytes} bytes)')
-    # The last row only needs its pixels, not the padding after them.
-    needed = step * (rows - 1) + row_bytes
-    if raw.size < needed:
-        raise ConversionError(f'{where}: data has {raw.size} bytes, expected '
-                              f'step * rows = {step * rows}')
+    try:
+        return image_codecs.image_msg_to_rgb(msg)
+    except image_codecs.ImageDecodeError as err:
+        raise ConversionError(str(err)) from err
 
 
 def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     """Decodes a ``sensor_msgs/CompressedImage`` (jpeg or png) to RGB uint8 ``[H, W, 3]``.
 
-    ``format`` may be a bare ``'jpeg'``/``'png'`` or image_transport's
-    ``'<encoding>; jpeg compressed bgr8'`` form. ``compressedDepth`` is rejected.
+    A thin wrapper of :func:`moog_ros.image_codecs.decode_compressed_rgb`: ``format`` may be a
+    bare ``'jpeg'``/``'png'`` (BGR inside, as OpenCV decodes) or image_transport's
+    ``'<encoding>; jpeg compressed <order>'`` (``<order>`` honoured). ``compressedDepth`` is
+    rejected.
 
     Raises:
         ConversionError: unsupported format, empty or undecodable data.
     """
-    fmt = msg.format.lower()
-    where = f'CompressedImage (format {msg.format!r})'
-    if 'compresseddepth' in fmt or not any(tag in fmt for tag in ('jpeg', 'jpg', 'png')):
-        raise ConversionError(f'{where}: unsupported format; expected jpeg or png')
-    raw = _bytes_view(msg.data)
-    if raw.size == 0:
-        raise ConversionError(f'{where}: empty data')
-    bgr = cv2.imdecode(raw, cv2.IMREAD_COLOR)
-    if bgr is None or bgr.size == 0:
-        raise ConversionError(f'{where}: {raw.size} bytes could not be decoded (corrupt?)')
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    try:
+        return image_codecs.compressed_msg_to_rgb(msg)
+    except image_codecs.ImageDecodeError as err:
+        raise ConversionError(str(err)) from err
 
 
 # ------------------------------------------------------------------------------------------------

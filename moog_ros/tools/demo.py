@@ -603,7 +603,7 @@ def read_recording(bag: Path) -> list[RecordedFrame]:
     """The overlay, depth and track/box counts of every recorded frame, in stamp order."""
     from rosbags.highlevel import AnyReader
 
-    from moog_ros.training.image_codecs import image_msg_to_depth_m, image_msg_to_rgb
+    from moog_ros.image_codecs import image_msg_to_depth_m, image_msg_to_rgb
 
     frames: dict[int, RecordedFrame] = {}
     with AnyReader([bag]) as reader:
