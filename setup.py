@@ -60,6 +60,7 @@ setup(
             'moog_fit_readouts = moog_ros.training.fit_readouts:main',
             'moog_evaluate = moog_ros.training.evaluate:main',
             'moog_convert = moog_ros.training.convert:main',
+            'moog_export = moog_ros.training.export:main',
         ],
     },
 )
