@@ -1,4 +1,4 @@
-"""moog_export: a training checkpoint becomes a model folder with provenance and no trainer state."""
+"""moog_export: a training checkpoint becomes a model folder with provenance, no trainer state."""
 import json
 
 import torch
