@@ -126,6 +126,8 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; checkpoints are shared (installed models, run folders).
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
