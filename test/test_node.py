@@ -250,12 +250,14 @@ def live(context, checkpoint):
         _wait_until(lambda h=harness: h.compressed.get_subscription_count()
                     + h.image.get_subscription_count() > 0)
     yield nodes[0], harnesses[0], nodes[1], harnesses[1]
+    # Stop spinning first: transitions triggered from this thread destroy subscriptions that a
+    # spinning executor thread may be adding to its wait set at that moment (InvalidHandle).
+    executor.shutdown()
+    thread.join(timeout=5)
     for node in nodes:
         node.trigger_deactivate()
         assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
         assert node.runtime is None
-    executor.shutdown()
-    thread.join(timeout=5)
     for n in (*nodes, *(h.node for h in harnesses)):
         n.destroy_node()
 
