@@ -17,11 +17,16 @@ Used by ``pretrain.py`` and ``fit_readouts.py`` so both have the same convention
   swapped in with ``os.replace``; read back with ``torch.load(weights_only=True)``. Problems
   raise ``moog_ros.model.CheckpointError`` naming the file.
 - **Interruption**: :class:`StopSignal` turns SIGINT/SIGTERM into a flag checked between steps.
+- **The run itself**: the shared flags (:func:`add_config_arguments`, :func:`add_data_arguments`,
+  :func:`add_run_dir_arguments`), sources and loaders (:func:`open_train_val`,
+  :func:`make_loaders`), resuming (:func:`resume_training`), the checkpoints of a step
+  (:func:`checkpoint_names`, :func:`save_run_checkpoints`) and the wrap-up (:func:`finish_run`).
 
 Only rank 0 should call the writing functions; they do not check ranks themselves.
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 import contextlib
 import dataclasses
@@ -33,6 +38,7 @@ from pathlib import Path
 import random
 import shutil
 import signal
+import sys
 import tempfile
 import types
 import typing
@@ -44,6 +50,14 @@ from torch import nn
 import yaml
 
 from moog_ros.model.checkpoint import CheckpointError, load_state_dict_file
+from moog_ros.training import data
+from moog_ros.training.distributed import (
+    DistInfo,
+    all_gather_objects,
+    any_rank,
+    barrier,
+    print0,
+)
 
 TRAINER_STATE_FILE = 'trainer_state.pt'
 TRAINER_STATE_FORMAT = 'moog_ros.trainer_state/1'
@@ -626,3 +640,202 @@ class StopSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# The parts of a training script's run that pretraining and readout fitting share
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: str) -> None:
+    """Add ``--config`` (a YAML file with the given ``sections``, e.g. 'model/data/optim/train')
+    and the repeatable ``--set KEY=VALUE``."""
+    parser.add_argument('--config', type=Path, default=None,
+                        help=f'YAML config (sections {sections}); on --resume the run '
+                             "folder's config.yaml is used when omitted")
+    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                        help='override one config value, e.g. --set train.steps=1000 '
+                             '(repeatable; applied after --config)')
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--data`` / ``--val-data`` shortcuts for ``--set data.train|data.val=SPEC``."""
+    parser.add_argument('--data', default=None,
+                        help='shortcut for --set data.train=SPEC (DIR, clips:DIR, '
+                             'bag:PATH[,PATH], movi:PATH; comma-separated list)')
+    parser.add_argument('--val-data', default=None, help='shortcut for --set data.val=SPEC')
+
+
+def add_run_dir_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--out`` (the run folder) and ``--resume``."""
+    parser.add_argument('--out', type=Path, required=True, help='run folder (created)')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue the run in --out from its latest checkpoint')
+
+
+def config_file_for(args: argparse.Namespace) -> Path | None:
+    """``--config``, or on ``--resume`` without it the run folder's ``config.yaml`` if any."""
+    if args.config is None and args.resume and (args.out / 'config.yaml').is_file():
+        return args.out / 'config.yaml'
+    return args.config
+
+
+def init_process(train: Any, device: torch.device, rank: int) -> contextlib.AbstractContextManager:
+    """Apply ``train.threads`` and seed this rank; returns the autocast context for the steps
+    (bf16 on CUDA when ``train.bf16``, else a no-op)."""
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    seed_all(train.seed + rank)
+    if train.bf16 and device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resume_training(trainer_state: Mapping[str, Any] | None, *,
+                    optimizer: torch.optim.Optimizer, scheduler: Any,
+                    resume_dir: str | Path | None, dist_info: DistInfo) -> int:
+    """Restore optimiser, scheduler and (same world size only) this rank's RNG state from a
+    loaded trainer state; returns the step to continue from (0 without a state)."""
+    if trainer_state is None:
+        return 0
+    restore_trainer_state(trainer_state, optimizer=optimizer, scheduler=scheduler,
+                          source=Path(resume_dir) / TRAINER_STATE_FILE)
+    rng_states = trainer_state.get('rng', [])
+    if len(rng_states) == dist_info.world_size:
+        restore_rng_state(rng_states[dist_info.rank])
+    return int(trainer_state['step'])
+
+
+def save_run_checkpoints(run_dir: Path, names: Sequence[str], *, step: int,
+                         optimizer: torch.optim.Optimizer, scheduler: Any, global_batch: int,
+                         seed: int, write_model: Callable[[Path], None],
+                         dist_info: DistInfo) -> None:
+    """Write ``checkpoints/<name>`` for each of ``names``: the model (``write_model``) plus the
+    trainer state of ``step`` with every rank's RNG state. Collective: every rank calls it;
+    rank 0 writes and all wait."""
+    rng_states = all_gather_objects(capture_rng_state(), dist_info)
+    if dist_info.is_main:
+        state = {'step': step, 'optimizer': optimizer.state_dict(),
+                 'scheduler': scheduler.state_dict(), 'rng': rng_states,
+                 'data_position': {'samples_seen': step * global_batch,
+                                   'global_batch': global_batch,
+                                   'world_size': dist_info.world_size, 'seed': seed}}
+        for name in names:
+            save_training_checkpoint(run_dir / CHECKPOINTS_DIR / name, write_model=write_model,
+                                     trainer_state=state)
+    barrier(dist_info)
+
+
+def checkpoint_names(step: int, train: Any, stop: StopSignal, dist_info: DistInfo, *,
+                     start_step: int = 0, stop_after: int = 0) -> tuple[list[str], bool]:
+    """The checkpoints to write after ``step`` and whether the run stops there.
+
+    ``latest`` every ``train.checkpoint_interval`` steps and at ``train.steps``,
+    ``step_XXXXXX`` every ``train.keep_interval`` (0 = never), and ``latest`` whenever any rank
+    got a stop signal or ``stop_after`` steps of this invocation (counted from ``start_step``;
+    0 = no limit) are done before ``train.steps`` (then ``stop.signal_name`` says so).
+    Collective: every rank calls it.
+    """
+    names = []
+    if step % train.checkpoint_interval == 0 or step == train.steps:
+        names.append(LATEST)
+    if train.keep_interval and step % train.keep_interval == 0:
+        names.append(step_checkpoint_name(step))
+    interrupted = any_rank(stop.requested, dist_info)
+    if stop_after and step - start_step >= stop_after and step < train.steps:
+        interrupted = True
+        stop.signal_name = stop.signal_name or f'train.stop_after={stop_after}'
+    if interrupted and LATEST not in names:
+        names.append(LATEST)
+    return names, interrupted
+
+
+def finish_run(prog: str, model: nn.Module, logger: MetricsLogger, dist_info: DistInfo, *,
+               step: int, interrupted: bool, diverged: bool, stop: StopSignal, run_dir: Path,
+               final: Mapping[str, Any] | None = None, checkpoint: str = 'checkpoint') -> int:
+    """Log the 'final' metrics row (``final`` adds fields before the parameter digests), close
+    the logger and say how the run ended; returns the exit code.
+
+    1 when the loss diverged or the DDP replicas' parameters differ, else 0 (finished or stopped
+    with a checkpoint; ``checkpoint`` names what ``latest`` holds in the message).
+    """
+    digests = all_gather_objects(parameter_digest(model), dist_info)
+    logger.log({'kind': 'final', 'step': step, 'interrupted': interrupted, **(final or {}),
+                'param_digests': digests})
+    logger.close()
+    if diverged:
+        return 1
+    if len(set(digests)) != 1:
+        print0(dist_info, f'{prog}: DDP replicas diverged: parameter digests {digests}',
+               file=sys.stderr)
+        return 1
+    if interrupted:
+        cause = stop.signal_name or 'a signal to another rank'
+        print0(dist_info, f'{prog}: stopped by {cause} at step {step}; checkpoint written. '
+               f'Continue with: --out {run_dir} --resume')
+    else:
+        print0(dist_info, f'{prog}: done, {step} steps; {checkpoint} in '
+               f'{run_dir / CHECKPOINTS_DIR / LATEST}')
+    return 0
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition`` (config-section validation)."""
+    if not condition:
+        raise ValueError(message)
+
+
+def check_data_section(section: Any) -> None:
+    """Validate the window fields every ``data`` config section has."""
+    check(0.0 <= section.val_fraction < 1.0,
+          f'data.val_fraction must be in [0, 1), got {section.val_fraction}')
+    check(section.num_frames >= 1 and section.frame_step >= 1 and section.window_stride >= 1,
+          'data.num_frames, data.frame_step and data.window_stride must be >= 1')
+    check(section.val_windows >= 1, f'data.val_windows must be >= 1, got {section.val_windows}')
+    check(section.workers >= 0, f'data.workers must be >= 0, got {section.workers}')
+
+
+def check_train_section(section: Any) -> None:
+    """Validate the schedule fields every ``train`` config section has."""
+    check(section.steps >= 1, f'train.steps must be >= 1, got {section.steps}')
+    check(section.batch_size >= 1, f'train.batch_size must be >= 1, got {section.batch_size}')
+    for name in ('log_interval', 'eval_interval', 'checkpoint_interval'):
+        check(getattr(section, name) >= 1, f'train.{name} must be >= 1')
+    check(section.keep_interval >= 0, 'train.keep_interval must be >= 0')
+
+
+def open_train_val(section: Any, **source_options: Any
+                   ) -> tuple[data.WindowSource, data.WindowSource | None]:
+    """The training and validation sources of a ``data`` config section: ``data.val`` when
+    given, else ``data.val_fraction`` held out of ``data.train`` (0 = no validation)."""
+    train_source = data.open_sources(section.train, **source_options)
+    val_source = None
+    if section.val:
+        val_source = data.open_sources(section.val, **source_options)
+    elif section.val_fraction > 0:
+        train_source, val_source = data.holdout_split(train_source, section.val_fraction)
+    return train_source, val_source
+
+
+def make_loaders(train_source: data.WindowSource, val_source: data.WindowSource | None, *,
+                 data_section: Any, train: Any, image_size: Any, start_step: int,
+                 dist_info: DistInfo) -> tuple[Any, Any, int]:
+    """This rank's loaders: random training windows for steps ``start_step`` .. ``train.steps``
+    and its shard of up to ``data_section.val_windows`` validation windows (None without a
+    validation source). Returns (train loader, val loader, number of validation windows)."""
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    window_args = {'num_frames': data_section.num_frames, 'frame_step': data_section.frame_step,
+                   'image_size': image_size}
+    train_set = data.TrainWindows(train_source, seed=train.seed,
+                                  crop_scale=data_section.crop_scale, flip=data_section.flip,
+                                  **window_args)
+    sampler = data.StepBatchSampler(train.batch_size, rank=rank, world_size=world,
+                                    start_step=start_step,
+                                    num_steps=max(0, train.steps - start_step))
+    train_loader = data.make_loader(train_set, batch_sampler=sampler,
+                                    num_workers=data_section.workers, device=device)
+    if val_source is None:
+        return train_loader, None, 0
+    val_set = data.EvalWindows(val_source, max_windows=data_section.val_windows, **window_args)
+    shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    val_loader = data.make_loader(shard, batch_size=train.batch_size,
+                                  num_workers=data_section.workers, device=device)
+    return train_loader, val_loader, len(val_set)

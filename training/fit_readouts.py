@@ -125,12 +125,7 @@ class DataSection:
     val_points_per_clip: int = 256   # validation: first-visible queries per window
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.val_fraction < 1.0,
-               f'data.val_fraction must be in [0, 1), got {self.val_fraction}')
-        _check(self.num_frames >= 1 and self.frame_step >= 1 and self.window_stride >= 1,
-               'data.num_frames, data.frame_step and data.window_stride must be >= 1')
-        _check(self.val_windows >= 1, f'data.val_windows must be >= 1, got {self.val_windows}')
-        _check(self.workers >= 0, f'data.workers must be >= 0, got {self.workers}')
+        common.check_data_section(self)
         _check(self.query_mode in QUERY_MODES,
                f'data.query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}')
         for name in ('points_per_clip', 'boxes_per_clip', 'val_points_per_clip'):
@@ -196,11 +191,7 @@ class TrainSection:
     keep_interval: int = 5000   # steps between kept checkpoints/step_XXXXXX (0 = none)
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, f'train.steps must be >= 1, got {self.steps}')
-        _check(self.batch_size >= 1, f'train.batch_size must be >= 1, got {self.batch_size}')
-        for name in ('log_interval', 'eval_interval', 'checkpoint_interval'):
-            _check(getattr(self, name) >= 1, f'train.{name} must be >= 1')
-        _check(self.keep_interval >= 0, 'train.keep_interval must be >= 0')
+        common.check_train_section(self)
         _check(self.threads >= 0, 'train.threads must be >= 0')
 
 
@@ -500,31 +491,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--pretrained', default=None,
                         help="pretrained 'moog' checkpoint directory (or a 'perception' one to "
                              'continue its readouts); shortcut for --set model.pretrained=DIR')
-    parser.add_argument('--data', default=None,
-                        help='shortcut for --set data.train=SPEC (DIR, clips:DIR, '
-                             'bag:PATH[,PATH], movi:PATH; comma-separated list)')
-    parser.add_argument('--val-data', default=None, help='shortcut for --set data.val=SPEC')
-    parser.add_argument('--config', type=Path, default=None,
-                        help='YAML config (sections model/data/optim/loss/train); on --resume '
-                             "the run folder's config.yaml is used when omitted")
-    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                        help='override one config value, e.g. --set train.steps=1000 '
-                             '(repeatable; applied after --config)')
+    common.add_data_arguments(parser)
+    common.add_config_arguments(parser, 'model/data/optim/loss/train')
     parser.add_argument('--end-to-end', action='store_true',
                         help='train MooG as well (adds its RGB loss); shortcut for '
                              '--set train.end_to_end=true')
-    parser.add_argument('--out', type=Path, required=True, help='run folder (created)')
-    parser.add_argument('--resume', action='store_true',
-                        help='continue the run in --out from its latest checkpoint')
+    common.add_run_dir_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Fit the readouts; returns the process exit code."""
     args = parse_args(argv)
-    config_file = args.config
-    if config_file is None and args.resume and (args.out / 'config.yaml').is_file():
-        config_file = args.out / 'config.yaml'
+    config_file = common.config_file_for(args)
     overrides = list(args.set)
     for flag, key in ((args.pretrained, 'model.pretrained'), (args.data, 'data.train'),
                       (args.val_data, 'data.val')):
@@ -557,12 +536,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, cfg: FitConfig, dist_info: DistInfo) -> int:
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    common.seed_all(cfg.train.seed + rank)
-    use_bf16 = cfg.train.bf16 and device.type == 'cuda'
-    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
+    autocast = common.init_process(cfg.train, device, rank)
     global_batch = cfg.train.batch_size * world
     end_to_end = cfg.train.end_to_end
 
@@ -572,12 +546,7 @@ def _train(args: argparse.Namespace, cfg: FitConfig, dist_info: DistInfo) -> int
                       'topic': cfg.data.topic or None,
                       'depth_topic': cfg.data.depth_topic or None,
                       'progress': dist_info.is_main}
-    train_source = data.open_sources(cfg.data.train, **source_options)
-    val_source = None
-    if cfg.data.val:
-        val_source = data.open_sources(cfg.data.val, **source_options)
-    elif cfg.data.val_fraction > 0:
-        train_source, val_source = data.holdout_split(train_source, cfg.data.val_fraction)
+    train_source, val_source = common.open_train_val(cfg.data, **source_options)
 
     # ---- where to start from -----------------------------------------------------------------
     resume_dir = None
@@ -621,14 +590,8 @@ def _train(args: argparse.Namespace, cfg: FitConfig, dist_info: DistInfo) -> int
     scheduler = common.build_scheduler(optimizer, warmup_steps=cfg.optim.warmup_steps,
                                        total_steps=cfg.train.steps,
                                        final_ratio=cfg.optim.final_lr_ratio)
-    start_step = 0
-    if trainer_state is not None:
-        common.restore_trainer_state(trainer_state, optimizer=optimizer, scheduler=scheduler,
-                                     source=Path(resume_dir) / common.TRAINER_STATE_FILE)
-        start_step = int(trainer_state['step'])
-        rng_states = trainer_state.get('rng', [])
-        if len(rng_states) == world:
-            common.restore_rng_state(rng_states[rank])
+    start_step = common.resume_training(trainer_state, optimizer=optimizer, scheduler=scheduler,
+                                        resume_dir=resume_dir, dist_info=dist_info)
     train_model: torch.nn.Module = model
     if dist_info.is_distributed:
         # Heads without labels in a batch (e.g. boxes on RGB-D bags) leave parameters unused.
@@ -636,22 +599,9 @@ def _train(args: argparse.Namespace, cfg: FitConfig, dist_info: DistInfo) -> int
             model, device_ids=[device.index] if device.type == 'cuda' else None,
             find_unused_parameters=True)
 
-    window_args = {'num_frames': cfg.data.num_frames, 'frame_step': cfg.data.frame_step,
-                   'image_size': image_size}
-    train_set = data.TrainWindows(train_source, seed=cfg.train.seed,
-                                  crop_scale=cfg.data.crop_scale, flip=cfg.data.flip,
-                                  **window_args)
-    sampler = data.StepBatchSampler(cfg.train.batch_size, rank=rank, world_size=world,
-                                    start_step=start_step,
-                                    num_steps=max(0, cfg.train.steps - start_step))
-    train_loader = data.make_loader(train_set, batch_sampler=sampler,
-                                    num_workers=cfg.data.workers, device=device)
-    val_loader = None
-    if val_source is not None:
-        val_set = data.EvalWindows(val_source, max_windows=cfg.data.val_windows, **window_args)
-        shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-        val_loader = data.make_loader(shard, batch_size=cfg.train.batch_size,
-                                      num_workers=cfg.data.workers, device=device)
+    train_loader, val_loader, _ = common.make_loaders(
+        train_source, val_source, data_section=cfg.data, train=cfg.train,
+        image_size=image_size, start_step=start_step, dist_info=dist_info)
     num_trainable = sum(p.numel() for p in trainable)
     print0(dist_info, f'{PROG}: {num_trainable / 1e6:.2f}M trainable parameters '
            f'({"end to end" if end_to_end else "frozen MooG"}), {len(train_source)} training '
@@ -664,25 +614,18 @@ def _train(args: argparse.Namespace, cfg: FitConfig, dist_info: DistInfo) -> int
     last_val: dict[str, Any] = {}
 
     def save(step: int, names: list[str]) -> None:
-        rng_states = all_gather_objects(common.capture_rng_state(), dist_info)
-        if dist_info.is_main:
-            state = {'step': step, 'optimizer': optimizer.state_dict(),
-                     'scheduler': scheduler.state_dict(), 'rng': rng_states,
-                     'data_position': {'samples_seen': step * global_batch,
-                                       'global_batch': global_batch, 'world_size': world,
-                                       'seed': cfg.train.seed}}
+        def write_model(path: Path) -> None:
             meta = {'step': step, 'run': str(run_dir), 'data': cfg.data.train,
                     'pretrained': cfg.model.pretrained, 'end_to_end': end_to_end,
                     'samples_seen': step * global_batch, **last_val}
             configs = {'model': perception_cfg.to_dict(),
                        'fit_readouts': common.config_to_dict(cfg)}
-            for name in names:
-                common.save_training_checkpoint(
-                    run_dir / common.CHECKPOINTS_DIR / name,
-                    write_model=lambda path: save_checkpoint(path, model, configs=configs,
-                                                             meta=meta),
-                    trainer_state=state)
-        barrier(dist_info)
+            save_checkpoint(path, model, configs=configs, meta=meta)
+
+        common.save_run_checkpoints(run_dir, names, step=step, optimizer=optimizer,
+                                    scheduler=scheduler, global_batch=global_batch,
+                                    seed=cfg.train.seed, write_model=write_model,
+                                    dist_info=dist_info)
 
     # ---- the loop ----------------------------------------------------------------------------
     progress = tqdm(total=cfg.train.steps, initial=start_step, disable=not dist_info.is_main,
@@ -774,14 +717,7 @@ def _train(args: argparse.Namespace, cfg: FitConfig, dist_info: DistInfo) -> int
                     progress.write(f'step {step}: {shown}')
                 tick = time.perf_counter()
 
-            names = []
-            if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.steps:
-                names.append(common.LATEST)
-            if cfg.train.keep_interval and step % cfg.train.keep_interval == 0:
-                names.append(common.step_checkpoint_name(step))
-            interrupted = any_rank(stop.requested, dist_info)
-            if interrupted and common.LATEST not in names:
-                names.append(common.LATEST)
+            names, interrupted = common.checkpoint_names(step, cfg.train, stop, dist_info)
             if names:
                 save(step, names)
                 tick = time.perf_counter()
@@ -790,24 +726,9 @@ def _train(args: argparse.Namespace, cfg: FitConfig, dist_info: DistInfo) -> int
     progress.close()
 
     # ---- wrap up -----------------------------------------------------------------------------
-    digests = all_gather_objects(common.parameter_digest(model), dist_info)
-    logger.log({'kind': 'final', 'step': step, 'interrupted': interrupted, 'skipped': skipped,
-                'param_digests': digests})
-    logger.close()
-    if diverged:
-        return 1
-    if len(set(digests)) != 1:
-        print0(dist_info, f'{PROG}: DDP replicas diverged: parameter digests {digests}',
-               file=sys.stderr)
-        return 1
-    if interrupted:
-        cause = stop.signal_name or 'a signal to another rank'
-        print0(dist_info, f'{PROG}: stopped by {cause} at step {step}; checkpoint written. '
-               f'Continue with: --out {run_dir} --resume')
-    else:
-        print0(dist_info, f'{PROG}: done, {step} steps; perception checkpoint in '
-               f'{run_dir / common.CHECKPOINTS_DIR / common.LATEST}')
-    return 0
+    return common.finish_run(PROG, model, logger, dist_info, step=step, interrupted=interrupted,
+                             diverged=diverged, stop=stop, run_dir=run_dir,
+                             final={'skipped': skipped}, checkpoint='perception checkpoint')
 
 
 if __name__ == '__main__':

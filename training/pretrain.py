@@ -43,13 +43,11 @@ from moog_ros.model import (
     load_checkpoint,
     save_checkpoint,
 )
-from moog_ros.training import common, data
+from moog_ros.training import common
 from moog_ros.training.distributed import (
     DistInfo,
-    all_gather_objects,
     all_reduce_mean,
     all_reduce_sum,
-    any_rank,
     barrier,
     cleanup_distributed,
     init_distributed,
@@ -86,12 +84,7 @@ class DataSection:
     topic: str = ''             # bag sources: colour image topic ('' = the only one)
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.val_fraction < 1.0,
-               f'data.val_fraction must be in [0, 1), got {self.val_fraction}')
-        _check(self.num_frames >= 1 and self.frame_step >= 1 and self.window_stride >= 1,
-               'data.num_frames, data.frame_step and data.window_stride must be >= 1')
-        _check(self.val_windows >= 1, f'data.val_windows must be >= 1, got {self.val_windows}')
-        _check(self.workers >= 0, f'data.workers must be >= 0, got {self.workers}')
+        common.check_data_section(self)
 
 
 @dataclass(frozen=True)
@@ -131,11 +124,7 @@ class TrainSection:
     stop_after: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, f'train.steps must be >= 1, got {self.steps}')
-        _check(self.batch_size >= 1, f'train.batch_size must be >= 1, got {self.batch_size}')
-        for name in ('log_interval', 'eval_interval', 'checkpoint_interval'):
-            _check(getattr(self, name) >= 1, f'train.{name} must be >= 1')
-        _check(self.keep_interval >= 0, 'train.keep_interval must be >= 0')
+        common.check_train_section(self)
         _check(self.stop_after >= 0, 'train.stop_after must be >= 0')
         _check(self.threads >= 0, 'train.threads must be >= 0')
 
@@ -228,19 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog='moog_pretrain', description='MooG next-frame pretraining (single process or '
         'torchrun DDP).', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--config', type=Path, default=None,
-                        help='YAML config (sections model/data/optim/train); on --resume the '
-                             "run folder's config.yaml is used when omitted")
-    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                        help='override one config value, e.g. --set train.steps=1000 '
-                             '(repeatable; applied after --config)')
-    parser.add_argument('--data', default=None,
-                        help='shortcut for --set data.train=SPEC (DIR, clips:DIR, '
-                             'bag:PATH[,PATH], movi:PATH; comma-separated list)')
-    parser.add_argument('--val-data', default=None, help='shortcut for --set data.val=SPEC')
-    parser.add_argument('--out', type=Path, required=True, help='run folder (created)')
-    parser.add_argument('--resume', action='store_true',
-                        help='continue the run in --out from its latest checkpoint')
+    common.add_config_arguments(parser, 'model/data/optim/train')
+    common.add_data_arguments(parser)
+    common.add_run_dir_arguments(parser)
     parser.add_argument('--resume-from', type=Path, default=None,
                         help='start --out from this training checkpoint directory (a '
                              'checkpoints/step_XXXXXX of another run) and continue exactly')
@@ -255,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     # ---- resolve the config: defaults <- YAML <- --set ---------------------------------------
-    config_file = args.config
-    if config_file is None and args.resume and (args.out / 'config.yaml').is_file():
-        config_file = args.out / 'config.yaml'
+    config_file = common.config_file_for(args)
     overrides = list(args.set)
     if args.data is not None:
         overrides.append(f'data.train={args.data}')
@@ -290,12 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace, cfg: PretrainConfig, moog_cfg: MoogConfig,
            dist_info: DistInfo) -> int:
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    common.seed_all(cfg.train.seed + rank)
-    use_bf16 = cfg.train.bf16 and device.type == 'cuda'
-    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
+    autocast = common.init_process(cfg.train, device, rank)
     global_batch = cfg.train.batch_size * world
 
     # ---- where to start from -----------------------------------------------------------------
@@ -340,14 +312,8 @@ def _train(args: argparse.Namespace, cfg: PretrainConfig, moog_cfg: MoogConfig,
     scheduler = common.build_scheduler(optimizer, warmup_steps=cfg.optim.warmup_steps,
                                        total_steps=cfg.train.steps,
                                        final_ratio=cfg.optim.final_lr_ratio)
-    start_step = 0
-    if trainer_state is not None:
-        common.restore_trainer_state(trainer_state, optimizer=optimizer, scheduler=scheduler,
-                                     source=Path(resume_dir) / common.TRAINER_STATE_FILE)
-        start_step = int(trainer_state['step'])
-        rng_states = trainer_state.get('rng', [])
-        if len(rng_states) == world:
-            common.restore_rng_state(rng_states[rank])
+    start_step = common.resume_training(trainer_state, optimizer=optimizer, scheduler=scheduler,
+                                        resume_dir=resume_dir, dist_info=dist_info)
     train_model: torch.nn.Module = model
     if dist_info.is_distributed:
         train_model = DistributedDataParallel(
@@ -359,32 +325,14 @@ def _train(args: argparse.Namespace, cfg: PretrainConfig, moog_cfg: MoogConfig,
     source_options = {'num_frames': cfg.data.num_frames, 'frame_step': cfg.data.frame_step,
                       'window_stride': cfg.data.window_stride, 'labels': False,
                       'topic': cfg.data.topic or None, 'progress': dist_info.is_main}
-    train_source = data.open_sources(cfg.data.train, **source_options)
-    val_source = None
-    if cfg.data.val:
-        val_source = data.open_sources(cfg.data.val, **source_options)
-    elif cfg.data.val_fraction > 0:
-        train_source, val_source = data.holdout_split(train_source, cfg.data.val_fraction)
-    window_args = {'num_frames': cfg.data.num_frames, 'frame_step': cfg.data.frame_step,
-                   'image_size': moog_cfg.image_size}
-    train_set = data.TrainWindows(train_source, seed=cfg.train.seed,
-                                  crop_scale=cfg.data.crop_scale, flip=cfg.data.flip,
-                                  **window_args)
-    sampler = data.StepBatchSampler(cfg.train.batch_size, rank=rank, world_size=world,
-                                    start_step=start_step,
-                                    num_steps=max(0, cfg.train.steps - start_step))
-    train_loader = data.make_loader(train_set, batch_sampler=sampler,
-                                    num_workers=cfg.data.workers, device=device)
-    val_loader = None
-    if val_source is not None:
-        val_set = data.EvalWindows(val_source, max_windows=cfg.data.val_windows, **window_args)
-        shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-        val_loader = data.make_loader(shard, batch_size=cfg.train.batch_size,
-                                      num_workers=cfg.data.workers, device=device)
+    train_source, val_source = common.open_train_val(cfg.data, **source_options)
+    train_loader, val_loader, num_val_windows = common.make_loaders(
+        train_source, val_source, data_section=cfg.data, train=cfg.train,
+        image_size=moog_cfg.image_size, start_step=start_step, dist_info=dist_info)
     num_params = sum(p.numel() for p in model.parameters())
     print0(dist_info, f'moog_pretrain: {num_params / 1e6:.2f}M parameters ({cfg.model.preset}), '
            f'{len(train_source)} training windows from {train_source.name}, '
-           f'{len(val_set) if val_loader is not None else 0} validation windows, {world} '
+           f'{num_val_windows} validation windows, {world} '
            f'rank(s) on '
            f'{device}, global batch {global_batch}, steps {start_step} -> {cfg.train.steps}')
 
@@ -394,23 +342,16 @@ def _train(args: argparse.Namespace, cfg: PretrainConfig, moog_cfg: MoogConfig,
     last_val: dict[str, Any] = {}
 
     def save(step: int, names: list[str]) -> None:
-        rng_states = all_gather_objects(common.capture_rng_state(), dist_info)
-        if dist_info.is_main:
-            state = {'step': step, 'optimizer': optimizer.state_dict(),
-                     'scheduler': scheduler.state_dict(), 'rng': rng_states,
-                     'data_position': {'samples_seen': step * global_batch,
-                                       'global_batch': global_batch, 'world_size': world,
-                                       'seed': cfg.train.seed}}
+        def write_model(path: Path) -> None:
             meta = {'step': step, 'run': str(run_dir), 'data': cfg.data.train,
                     'samples_seen': step * global_batch, **last_val}
             configs = {'model': moog_cfg.to_dict(), 'pretrain': common.config_to_dict(cfg)}
-            for name in names:
-                common.save_training_checkpoint(
-                    run_dir / common.CHECKPOINTS_DIR / name,
-                    write_model=lambda path: save_checkpoint(path, model, configs=configs,
-                                                             meta=meta),
-                    trainer_state=state)
-        barrier(dist_info)
+            save_checkpoint(path, model, configs=configs, meta=meta)
+
+        common.save_run_checkpoints(run_dir, names, step=step, optimizer=optimizer,
+                                    scheduler=scheduler, global_batch=global_batch,
+                                    seed=cfg.train.seed, write_model=write_model,
+                                    dist_info=dist_info)
 
     # ---- the loop ----------------------------------------------------------------------------
     progress = tqdm(total=cfg.train.steps, initial=start_step, disable=not dist_info.is_main,
@@ -466,19 +407,9 @@ def _train(args: argparse.Namespace, cfg: PretrainConfig, moog_cfg: MoogConfig,
                                    f'{last_val["val_psnr_copy_last"]:.2f} dB)')
                 tick = time.perf_counter()   # do not count evaluation in samples/s
 
-            names = []
-            if step % cfg.train.checkpoint_interval == 0 or step == cfg.train.steps:
-                names.append(common.LATEST)
-            if cfg.train.keep_interval and step % cfg.train.keep_interval == 0:
-                names.append(common.step_checkpoint_name(step))
-            interrupted = any_rank(stop.requested, dist_info)
-            budget_spent = bool(cfg.train.stop_after) and (step - start_step
-                                                           >= cfg.train.stop_after)
-            if budget_spent and step < cfg.train.steps:
-                interrupted = True
-                stop.signal_name = stop.signal_name or f'train.stop_after={cfg.train.stop_after}'
-            if interrupted and common.LATEST not in names:
-                names.append(common.LATEST)
+            names, interrupted = common.checkpoint_names(step, cfg.train, stop, dist_info,
+                                                         start_step=start_step,
+                                                         stop_after=cfg.train.stop_after)
             if names:
                 save(step, names)
                 tick = time.perf_counter()
@@ -487,24 +418,9 @@ def _train(args: argparse.Namespace, cfg: PretrainConfig, moog_cfg: MoogConfig,
     progress.close()
 
     # ---- wrap up -----------------------------------------------------------------------------
-    digests = all_gather_objects(common.parameter_digest(model), dist_info)
-    logger.log({'kind': 'final', 'step': step, 'interrupted': interrupted,
-                'param_digests': digests})
-    logger.close()
-    if diverged:
-        return 1
-    if len(set(digests)) != 1:
-        print0(dist_info, f'moog_pretrain: DDP replicas diverged: parameter digests {digests}',
-               file=sys.stderr)
-        return 1
-    if interrupted:
-        cause = stop.signal_name or 'a signal to another rank'
-        print0(dist_info, f'moog_pretrain: stopped by {cause} at step {step}; checkpoint '
-               f'written. Continue with: --out {run_dir} --resume')
-    else:
-        print0(dist_info, f'moog_pretrain: done, {step} steps; checkpoint in '
-               f'{run_dir / common.CHECKPOINTS_DIR / common.LATEST}')
-    return 0
+    return common.finish_run('moog_pretrain', model, logger, dist_info, step=step,
+                             interrupted=interrupted, diverged=diverged, stop=stop,
+                             run_dir=run_dir)
 
 
 if __name__ == '__main__':
