@@ -448,12 +448,8 @@ class MoogRuntime:
                       & (xyxy_model[:, 3] > xyxy_model[:, 1]))
             if not inside.all():
                 notes.append(f'dropped boxes {ids[~inside].tolist()}: outside the model view')
-            room = max(0, self.config.max_boxes - len(self._box_ids))
-            take = np.flatnonzero(inside)
-            if len(take) > room:
-                notes.append(f'dropped boxes {ids[take[room:]].tolist()}: max_boxes '
-                             f'({self.config.max_boxes}) reached')
-                take = take[:room]
+            take = _within_cap(np.flatnonzero(inside), ids, len(self._box_ids),
+                               self.config.max_boxes, 'boxes', notes)
             if len(take):
                 self._state = self.model.add_boxes(self._state, self._to_device(xyxy_model[take]))
                 self._box_ids = np.concatenate([self._box_ids, ids[take]])
@@ -469,12 +465,8 @@ class MoogRuntime:
             inside = geometry.input_in_view(xy)
             if not inside.all():
                 notes.append(f'dropped points {ids[~inside].tolist()}: outside the model view')
-            room = max(0, self.config.max_points - len(self._point_ids))
-            take = np.flatnonzero(inside)
-            if len(take) > room:
-                notes.append(f'dropped points {ids[take[room:]].tolist()}: max_points '
-                             f'({self.config.max_points}) reached')
-                take = take[:room]
+            take = _within_cap(np.flatnonzero(inside), ids, len(self._point_ids),
+                               self.config.max_points, 'points', notes)
             if len(take):
                 self._append_points(ids[take], geometry.to_model_xy(xy[take]))
 
@@ -739,6 +731,17 @@ class MoogRuntime:
 
 def _concat_ids(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.uint32) if parts else _NO_IDS
+
+
+def _within_cap(take: np.ndarray, ids: np.ndarray, live: int, limit: int, what: str,
+                notes: list[str]) -> np.ndarray:
+    """The first entries of ``take`` that fit beside ``live`` tracks under ``limit``; the
+    dropped ones are noted (``what`` is 'points' or 'boxes', naming the max_* parameter)."""
+    room = max(0, limit - live)
+    if len(take) > room:
+        notes.append(f'dropped {what} {ids[take[room:]].tolist()}: max_{what} ({limit}) reached')
+        take = take[:room]
+    return take
 
 
 def load_runtime(checkpoint: str | Path, config: RuntimeConfig, device: torch.device | str

@@ -332,9 +332,8 @@ def _train(args: argparse.Namespace, cfg: PretrainConfig, moog_cfg: MoogConfig,
     num_params = sum(p.numel() for p in model.parameters())
     print0(dist_info, f'moog_pretrain: {num_params / 1e6:.2f}M parameters ({cfg.model.preset}), '
            f'{len(train_source)} training windows from {train_source.name}, '
-           f'{num_val_windows} validation windows, {world} '
-           f'rank(s) on '
-           f'{device}, global batch {global_batch}, steps {start_step} -> {cfg.train.steps}')
+           f'{num_val_windows} validation windows, {world} rank(s) on {device}, '
+           f'global batch {global_batch}, steps {start_step} -> {cfg.train.steps}')
 
     # ---- checkpoint writer (rank 0 writes; everyone waits) -----------------------------------
     logger = common.MetricsLogger(run_dir / 'metrics.jsonl', enabled=dist_info.is_main,
