@@ -165,6 +165,40 @@ def test_keep_and_add_validation(model: MoogPerception) -> None:
         model.add_points(later, _points(1, 1), start_frame=0)
 
 
+def test_untrained_anchored_readouts_are_the_stay_put_tracker(model: MoogPerception) -> None:
+    """Anchored outputs start exactly at the query point / seed box, visible and present."""
+    xy, boxes = _points(2, 5), _boxes(2, 3)
+    start = torch.tensor([[0, 1, 1, 3, 0], [2, 0, 0, 1, 3]])
+    with torch.no_grad():
+        clip, _ = model(_video(), points_xy=xy, points_start_frame=start, boxes_xyxy=boxes)
+    active = query_active(start, 4)  # [B, T, M]
+    expected = xy[:, None].expand(-1, 4, -1, -1)
+    torch.testing.assert_close(clip.points_xy[active], expected[active], atol=1e-4, rtol=0)
+    assert clip.points_visible_logit.shape == (2, 4, 5)
+    visible = (torch.sigmoid(clip.points_visible_logit)
+               * torch.sigmoid(clip.points_certain_logit) > 0.5)
+    assert visible.all()
+    torch.testing.assert_close(clip.boxes_xyxy, boxes[:, None].expand(-1, 4, -1, -1),
+                               atol=1e-4, rtol=0)
+    assert (clip.boxes_presence_logit > 0).all()
+
+
+def test_unanchored_config_is_the_default_for_old_checkpoints() -> None:
+    """A readout config saved before ``anchored`` existed loads as the absolute readout."""
+    cfg = get_perception_config('tiny')
+    data = cfg.to_dict()
+    for name in ('points', 'boxes'):
+        assert data[name].pop('anchored') is True
+    old = PerceptionConfig.from_dict(data)
+    assert not old.points.anchored and not old.boxes.anchored
+    torch.manual_seed(0)
+    model = MoogPerception(old).eval()
+    with torch.no_grad():
+        clip, _ = model(_video(), points_xy=_points(2, 5))
+    # Absolute sigmoid positions stay within the first..last pixel centre.
+    assert (clip.points_xy >= 0).all() and (clip.points_xy <= W - 1).all()
+
+
 def test_box_outputs_are_ordered(model: MoogPerception) -> None:
     # Large random head weights push the raw box parameters far from zero.
     with torch.no_grad():
@@ -173,8 +207,13 @@ def test_box_outputs_are_ordered(model: MoogPerception) -> None:
         clip, _ = model(_video(), boxes_xyxy=_boxes(2, 6))
     boxes = clip.boxes_xyxy
     assert (boxes[..., 2] >= boxes[..., 0]).all() and (boxes[..., 3] >= boxes[..., 1]).all()
-    # Within the image extent widened by half the box (centre in the image, size <= image).
-    assert (boxes[..., 0] >= -0.5 - W / 2).all() and (boxes[..., 2] <= W - 0.5 + W / 2).all()
+    assert model.config.boxes.anchored
+    # Anchored: centre within one image extent of the seed's, size within e^+-4 of the seed's.
+    seed = _boxes(2, 6)[:, None]  # [B, 1, M, 4]
+    centre_shift = (boxes[..., :2] + boxes[..., 2:] - seed[..., :2] - seed[..., 2:]) / 2
+    assert (centre_shift.abs() <= W + 1e-3).all()
+    ratio = (boxes[..., 2:] - boxes[..., :2]) / (seed[..., 2:] - seed[..., :2]).clamp(min=1e-3)
+    assert (ratio <= math.exp(4) * 1.001).all() and (ratio >= math.exp(-4) * 0.999).all()
 
 
 def test_frozen_backbone_gets_no_gradient(model: MoogPerception) -> None:
@@ -195,6 +234,10 @@ def test_frozen_backbone_gets_no_gradient(model: MoogPerception) -> None:
 
 def test_end_to_end_gradient_reaches_backbone(model: MoogPerception) -> None:
     model.train()
+    # Anchored heads start with zero output weights (no gradient passes them before the first
+    # update); give them the small weights any update leaves.
+    with torch.no_grad():
+        model.points.heads['position'].out.weight.normal_(0.0, 0.02)
     clip, _ = model(_video(T=2), points_xy=_points(2, 3), finetune_backbone=True)
     clip.points_xy.sum().backward()
     grads = [p.grad for n, p in model.moog.named_parameters() if not n.startswith('decoder.')]

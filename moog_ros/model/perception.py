@@ -124,6 +124,7 @@ class QueryState(NamedTuple):
     latents: torch.Tensor  # [B, M, Dr] current latent of each query
     initial: torch.Tensor  # [B, M, Dr] q0; the latent is reset to it at the start frame
     start_frame: torch.Tensor  # [B, M] int64 frame index at which each query starts
+    anchor: torch.Tensor  # [B, M, 2 | 4] float32 query point / seed box, the readout's units
 
 
 class PerceptionState(NamedTuple):
@@ -179,17 +180,20 @@ def query_active(start_frame: torch.Tensor, num_frames: int,
     return frames[None, :, None] >= start_frame[:, None, :]
 
 
-def _empty_queries(batch_size: int, width: int, device: torch.device,
+def _empty_queries(batch_size: int, width: int, dims: int, device: torch.device,
                    dtype: torch.dtype) -> QueryState:
     latents = torch.zeros(batch_size, 0, width, device=device, dtype=dtype)
-    return QueryState(latents, latents, torch.zeros(batch_size, 0, dtype=torch.long,
-                                                    device=device))
+    return QueryState(latents, latents,
+                      torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+                      torch.zeros(batch_size, 0, dims, device=device))
 
 
-def _append(queries: QueryState, initial: torch.Tensor, start: torch.Tensor) -> QueryState:
+def _append(queries: QueryState, initial: torch.Tensor, start: torch.Tensor,
+            anchor: torch.Tensor) -> QueryState:
     return QueryState(latents=torch.cat([queries.latents, initial.to(queries.latents.dtype)], 1),
                       initial=torch.cat([queries.initial, initial.to(queries.initial.dtype)], 1),
-                      start_frame=torch.cat([queries.start_frame, start], 1))
+                      start_frame=torch.cat([queries.start_frame, start], 1),
+                      anchor=torch.cat([queries.anchor, anchor.float()], 1))
 
 
 def _keep(queries: QueryState, keep: torch.Tensor, what: str) -> QueryState:
@@ -204,12 +208,13 @@ def _keep(queries: QueryState, keep: torch.Tensor, what: str) -> QueryState:
     n = int(counts[0]) if B else 0
     # A stable sort puts the kept entries first, in their original order.
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]  # [B, n]
-    return QueryState(
-        latents=torch.gather(queries.latents, 1,
-                             order[..., None].expand(-1, -1, queries.latents.shape[-1])),
-        initial=torch.gather(queries.initial, 1,
-                             order[..., None].expand(-1, -1, queries.initial.shape[-1])),
-        start_frame=torch.gather(queries.start_frame, 1, order))
+
+    def gather(values: torch.Tensor) -> torch.Tensor:  # [B, M, C] -> [B, n, C]
+        return torch.gather(values, 1, order[..., None].expand(-1, -1, values.shape[-1]))
+
+    return QueryState(latents=gather(queries.latents), initial=gather(queries.initial),
+                      start_frame=torch.gather(queries.start_frame, 1, order),
+                      anchor=gather(queries.anchor))
 
 
 def _start_frames(start_frame: torch.Tensor | int | None, state: PerceptionState,
@@ -267,8 +272,8 @@ class MoogPerception(nn.Module):
         device, dtype = moog.tokens.device, moog.tokens.dtype
         return PerceptionState(
             moog=moog,
-            points=_empty_queries(batch_size, self.config.points.width, device, dtype),
-            boxes=_empty_queries(batch_size, self.config.boxes.width, device, dtype),
+            points=_empty_queries(batch_size, self.config.points.width, 2, device, dtype),
+            boxes=_empty_queries(batch_size, self.config.boxes.width, 4, device, dtype),
             frame_index=0)
 
     def _check_queries(self, state: PerceptionState, values: torch.Tensor, dims: int,
@@ -296,7 +301,8 @@ class MoogPerception(nn.Module):
         self._check_queries(state, xy, 2, 'points')
         start = _start_frames(start_frame, state, tuple(xy.shape[:2]), xy.device, 'points')
         initial = self.points.initial_from_xy(xy)
-        return state._replace(points=_append(state.points, initial, start))
+        anchor = self.points.anchor_from_xy(xy)
+        return state._replace(points=_append(state.points, initial, start, anchor))
 
     def add_boxes(self, state: PerceptionState, xyxy: torch.Tensor,
                   start_frame: torch.Tensor | int | None = None) -> PerceptionState:
@@ -307,7 +313,8 @@ class MoogPerception(nn.Module):
             raise ValueError('add_boxes: boxes must be xyxy with x_min <= x_max, y_min <= y_max')
         start = _start_frames(start_frame, state, tuple(xyxy.shape[:2]), xyxy.device, 'boxes')
         initial = self.boxes.initial_from_xyxy(xyxy)
-        return state._replace(boxes=_append(state.boxes, initial, start))
+        anchor = self.boxes.anchor_from_xyxy(xyxy)
+        return state._replace(boxes=_append(state.boxes, initial, start, anchor))
 
     def keep_points(self, state: PerceptionState, keep: torch.Tensor) -> PerceptionState:
         """Keeps the point queries where ``keep [B, M]`` is True (same count per row)."""
@@ -336,9 +343,10 @@ class MoogPerception(nn.Module):
                          if depth_coords_xy is not None else None)
         point_heads, point_latents = self.points(
             self._reset_started(state.points, t), features)
-        points_xy, vis_logit, cert_logit = self.points.decode_outputs(point_heads)
+        points_xy, vis_logit, cert_logit = self.points.decode_outputs(point_heads,
+                                                                      state.points.anchor)
         box_heads, box_latents = self.boxes(self._reset_started(state.boxes, t), features)
-        boxes_xyxy, presence_logit = self.boxes.decode_outputs(box_heads)
+        boxes_xyxy, presence_logit = self.boxes.decode_outputs(box_heads, state.boxes.anchor)
         out = PerceptionOutput(
             depth_m=depth_m, depth_sampled_m=depth_sampled, points_xy=points_xy,
             points_visible_logit=vis_logit, points_certain_logit=cert_logit,
