@@ -393,8 +393,8 @@ class RecurrentQueryReadout(nn.Module):
     def _init_anchored(self, offset_heads: tuple[str, ...], logit_heads: tuple[str, ...]) -> None:
         # Anchored outputs start as zero offsets from the query with confident "visible" /
         # "present" logits (sigmoid(2)^2 = 0.78 > 0.5 for the TAPIR visibility rule): zero
-        # output weights, so every query starts alike; the hidden layers still get gradients
-        # through the output weights' own gradient from the first step on.
+        # output weights, so every query starts alike. The output weights get gradients at
+        # once; the layers below them from the first update on (which makes those non-zero).
         if not self.config.anchored:
             return
         with torch.no_grad():
