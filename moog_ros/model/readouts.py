@@ -18,11 +18,13 @@ Every readout consumes ``readout_features(step_out)`` = predicted ++ corrected t
   layers, so training starts from the stay-put tracker instead of from random positions.
 
 Coordinate conventions (``docs/architecture.md``): pixels ``xy`` with centres at integers.
-Point positions are a sigmoid in [0, 1] mapped to the first..last pixel *centre*
-(``x = p * (W - 1)``, the same normalisation as the Fourier features). Boxes are a sigmoid
-centre/size in [0, 1] of the image *extent* ``[-0.5, W - 0.5]`` (``x = u * W - 0.5``), so a box
-covering the whole image is representable; ``x_min <= x_max`` holds by construction. Boxes are
-not clipped to the image (clipping would cut the gradient of an edge predicted outside it).
+Point positions are in units where 0 / 1 are the first / last pixel *centre*
+(``x = p * (W - 1)``, the same normalisation as the Fourier features): a sigmoid for the absolute
+readout, the query's own position plus ``tanh(offset)`` when anchored. Boxes are a centre/size in
+units of the image *extent* ``[-0.5, W - 0.5]`` (``x = u * W - 0.5``), a sigmoid when absolute,
+so a box covering the whole image is representable; ``x_min <= x_max`` holds by construction.
+Boxes are not clipped to the image (clipping would cut the gradient of an edge predicted
+outside it).
 
 Losses live here too (pure torch, masked means over the entries that carry labels):
 
