@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from moog_ros.imaging import RESIZE_MODES, FrameGeometry, sample_bilinear
+from moog_ros.logtext import short_list
 from moog_ros.model.checkpoint import load_checkpoint
 from moog_ros.model.perception import MoogPerception, PerceptionState
 
@@ -239,6 +240,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 _NO_IDS = np.zeros(0, dtype=np.uint32)
+_QUEUED_BOX_FACTOR = 4  # boxes queued between two frames: at most this times max_boxes
 
 
 @dataclass
@@ -297,8 +299,9 @@ class MoogRuntime:
             uint32 ``[N]`` the ids the new tracks will have.
 
         Raises:
-            ValueError: wrong shape, non-finite values, or (once a frame has been seen) a point
-                outside the part of the image the model sees.
+            ValueError: wrong shape, non-finite values, (once a frame has been seen) a point
+                outside the part of the image the model sees, or more than ``max_points``
+                points queued before the next frame.
         """
         xy = np.asarray(xy_input, dtype=np.float64)
         if xy.ndim != 2 or xy.shape[1] != 2:
@@ -311,9 +314,18 @@ class MoogRuntime:
                 outside = ~geometry.input_in_view(xy)
                 if outside.any():
                     raise ValueError(
-                        f'add_points: {xy[outside].tolist()} outside the model view '
+                        f'add_points: {short_list(xy[outside].round(1).tolist(), 4)} outside '
+                        'the model view '
                         f'(input {geometry.input_wh[0]}x{geometry.input_wh[1]}, crop x, y, w, h '
                         f'= {geometry.crop_xywh}, resize_mode {geometry.mode!r})')
+            # Queued points beyond max_points could never all start: refusing them here keeps
+            # a flood of clicks between two frames from growing the queue (and the next
+            # frame's work) without bound.
+            queued = sum(len(q) for q, _ in self._requests.points)
+            if queued + len(xy) > self.config.max_points:
+                raise ValueError(f'add_points: {len(xy)} more points would queue '
+                                 f'{queued + len(xy)} before the next frame, over max_points '
+                                 f'({self.config.max_points})')
             ids = self._new_ids(len(xy))
             self._requests.points.append((ids, xy))
         return ids
@@ -334,7 +346,8 @@ class MoogRuntime:
             uint32 ``[N]`` the id each box's track has.
 
         Raises:
-            ValueError: wrong shape, non-finite values or a box without positive size.
+            ValueError: wrong shape, non-finite values, a box without positive size, or more
+                than 4 x ``max_boxes`` boxes queued before the next frame.
         """
         xyxy = np.asarray(xyxy_input, dtype=np.float64).reshape(-1, 4)
         if np.asarray(xyxy_input).ndim not in (1, 2) or np.asarray(xyxy_input).shape[-1] != 4:
@@ -345,11 +358,18 @@ class MoogRuntime:
         bad = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
         if bad.any():
             raise ValueError(f'add_boxes: boxes need x_max > x_min and y_max > y_min: '
-                             f'{xyxy[bad].tolist()}')
+                             f'{short_list(xyxy[bad].round(1).tolist(), 4)}')
         labels = list(labels) if labels is not None else [''] * len(xyxy)
         if len(labels) != len(xyxy):
             raise ValueError(f'add_boxes: {len(labels)} labels for {len(xyxy)} boxes')
         with self._lock:
+            # A detector faster than the model queues several batches per frame (each box
+            # replacing its match), so the bound is a few frames' worth, not max_boxes.
+            queued = sum(len(q) for q, _, _ in self._requests.boxes)
+            if queued + len(xyxy) > _QUEUED_BOX_FACTOR * self.config.max_boxes:
+                raise ValueError(f'add_boxes: {len(xyxy)} more boxes would queue '
+                                 f'{queued + len(xyxy)} before the next frame, over '
+                                 f'{_QUEUED_BOX_FACTOR} x max_boxes ({self.config.max_boxes})')
             ids = np.zeros(len(xyxy), dtype=np.uint32)
             iou = box_iou(xyxy, self._match_xyxy)  # [N, L]
             while iou.size and iou.max() >= max(self.config.box_match_iou, 1e-9):
@@ -447,7 +467,8 @@ class MoogRuntime:
             inside = ((xyxy_model[:, 2] > xyxy_model[:, 0])
                       & (xyxy_model[:, 3] > xyxy_model[:, 1]))
             if not inside.all():
-                notes.append(f'dropped boxes {ids[~inside].tolist()}: outside the model view')
+                notes.append(f'dropped boxes {short_list(ids[~inside].tolist())}: outside the '
+                             'model view')
             take = _within_cap(np.flatnonzero(inside), ids, len(self._box_ids),
                                self.config.max_boxes, 'boxes', notes)
             if len(take):
@@ -464,7 +485,8 @@ class MoogRuntime:
         for ids, xy in requests.points:
             inside = geometry.input_in_view(xy)
             if not inside.all():
-                notes.append(f'dropped points {ids[~inside].tolist()}: outside the model view')
+                notes.append(f'dropped points {short_list(ids[~inside].tolist())}: outside the '
+                             'model view')
             take = _within_cap(np.flatnonzero(inside), ids, len(self._point_ids),
                                self.config.max_points, 'points', notes)
             if len(take):
@@ -739,7 +761,8 @@ def _within_cap(take: np.ndarray, ids: np.ndarray, live: int, limit: int, what: 
     dropped ones are noted (``what`` is 'points' or 'boxes', naming the max_* parameter)."""
     room = max(0, limit - live)
     if len(take) > room:
-        notes.append(f'dropped {what} {ids[take[room:]].tolist()}: max_{what} ({limit}) reached')
+        notes.append(f'dropped {what} {short_list(ids[take[room:]].tolist())}: max_{what} '
+                     f'({limit}) reached')
         take = take[:room]
     return take
 

@@ -407,29 +407,50 @@ def test_boxes_from_a_detector_keep_their_ids(live):
                                  for d in out['detections'].detections)
 
 
-def test_state_resets_on_backwards_stamp_and_on_request(live):
+def _sustained(harness, node, frames: int, make_header, publish) -> Header:
+    """Sends ``frames`` frames; all but the last are dropped as strays (stream_change_frames
+    is ``frames``); returns the header of the last, which is processed."""
+    policy = node.monitor.counts()['policy']
+    for k in range(frames):
+        header = make_header(k)
+        publish(header)
+        if k < frames - 1:
+            _wait_until(lambda k=k: node.monitor.counts()['policy'] == policy + k + 1)
+    harness.frame_outputs(header)
+    return header
+
+
+def test_state_resets_on_sustained_backwards_stamp_and_on_request(live):
     node, harness, _, _ = live
+    change = node.config.stream_change_frames
+    assert change == 3  # the default
     resets = node.monitor.counts()['resets']
     _, out = harness.send_raw(_frame(40))
     before = set(_ids(out['tracks']))
     late = harness.header()
-    early = harness.header(late.stamp.sec * 10**9 + late.stamp.nanosec - 500_000_000)
-    _, out = harness.send_raw(_frame(41), header=early)
-    after = set(_ids(out['tracks']))
+    base = late.stamp.sec * 10**9 + late.stamp.nanosec - 500_000_000
+    # A bag loop: the stamps go back and stay on the new timeline; the third frame resets.
+    header = _sustained(harness, node, change, lambda k: harness.header(base + k * 33_000_000),
+                        lambda header: harness.send_raw(_frame(41), header=header, wait=False))
+    after = set(_ids(harness.frame_outputs(header)['tracks']))
     assert after and not after & before
+    assert node.monitor.counts()['resets'] == resets + 1
+    harness.frames_sent += 10  # the harness timeline continues after the loop
     assert harness.call('/moog/reset').success
     _, out = harness.send_raw(_frame(42))
     assert not set(_ids(out['tracks'])) & after
     assert node.monitor.counts()['resets'] == resets + 2
-    # A new encoding (here the same picture as bgr8) is a new stream: the state resets too.
-    rgb = _frame(43)
-    header = harness.header()
-    bgr = conv.rgb_to_image(np.ascontiguousarray(rgb[..., ::-1]), header)
-    bgr.encoding = 'bgr8'
-    harness.image.publish(bgr)
-    harness.frame_outputs(header)
+
+    # A new encoding (here the same picture as bgr8) sustained is a new stream: reset too.
+    def bgr_frame(header):
+        bgr = conv.rgb_to_image(np.ascontiguousarray(_frame(43)[..., ::-1]), header)
+        bgr.encoding = 'bgr8'
+        harness.image.publish(bgr)
+
+    _sustained(harness, node, change, lambda k: harness.header(), bgr_frame)
     assert node.monitor.counts()['resets'] == resets + 3
-    harness.send_raw(_frame(44))
+    _sustained(harness, node, change, lambda k: harness.header(),
+               lambda header: harness.send_raw(_frame(44), header=header, wait=False))
     assert node.monitor.counts()['resets'] == resets + 4  # and back to rgb8
 
 
@@ -490,10 +511,15 @@ def test_bad_input_is_dropped_and_the_node_keeps_serving(live):
         {'height': 1, 'width': 1, 'encoding': '32FC1', 'step': 4,
              'data': np.array([np.nan], np.float32).tobytes()},
     ]
+    counts = node.monitor.counts()
+    refused = counts['invalid'] + counts['policy']
     for k, fields in enumerate(bad_frames, start=1):
         harness.send_raw(None, wait=False, **fields)
-        _wait_until(lambda k=k: node.monitor.counts()['invalid'] == invalid + k)
+        # Invalid (cannot be read), or the 1x1 32FC1 frame: valid but not the stream.
+        _wait_until(lambda k=k: sum(node.monitor.counts()[c] for c in ('invalid', 'policy'))
+                    == refused + k)
         harness.send_raw(_frame(60))  # served
+    assert node.monitor.counts()['invalid'] == invalid + 3
     # An uncalibrated CameraInfo (K = 0) is ignored: the last good K stays in use.
     zero = CameraInfo(width=W, height=H)
     zero.header = harness.header()
@@ -502,9 +528,12 @@ def test_bad_input_is_dropped_and_the_node_keeps_serving(live):
     header, _ = harness.send_raw(_frame(61), with_info=False)
     info = harness.wait_for('depth/camera_info', lambda m: m.header.stamp == header.stamp)
     assert info.k[0] == pytest.approx(50 * 32 / 48)
-    # A resolution change mid-stream resets the state and carries on at the new size.
+    # A sustained resolution change mid-stream resets the state and carries on at the new size.
     resets = node.monitor.counts()['resets']
-    header, out = harness.send_raw(_frame(62, 40, 40), with_info=False)
+    header = _sustained(harness, node, node.config.stream_change_frames,
+                        lambda k: harness.header(), lambda header: harness.send_raw(
+                            _frame(62, 40, 40), header=header, with_info=False, wait=False))
+    out = harness.frame_outputs(header)
     assert node.monitor.counts()['resets'] == resets + 1
     overlay = harness.wait_for('overlay', lambda m: m.header.stamp == header.stamp)
     assert (overlay.width, overlay.height) == (40, 40)
@@ -512,6 +541,8 @@ def test_bad_input_is_dropped_and_the_node_keeps_serving(live):
     assert not any(m.header.stamp == header.stamp for m in harness.messages['depth/camera_info'])
     points = np.frombuffer(bytes(out['tracks'].data), conv.TRACK_POINT_DTYPE)
     assert np.isnan(points['z']).all()
+    _sustained(harness, node, node.config.stream_change_frames, lambda k: harness.header(),
+               lambda header: harness.send_raw(_frame(63), header=header, wait=False))
     harness.send_raw(_frame(63))  # back to 64x48 with its CameraInfo
 
 
@@ -523,8 +554,12 @@ def test_stale_frames_are_dropped_and_counted(live):
         old = harness.header(harness.node.get_clock().now().nanoseconds - 10 * 10**9)
         harness.send_raw(_frame(70), header=old, wait=False)
         _wait_until(lambda: node.monitor.counts()['stale'] == stale + 1)
-        harness.send_raw(_frame(71), header=harness.header(
-            harness.node.get_clock().now().nanoseconds))
+        # Fresh, and not behind the stream's timeline (that would be a stamp outlier).
+        fresh = harness.header()
+        now_ns = harness.node.get_clock().now().nanoseconds
+        if fresh.stamp.sec * 10**9 + fresh.stamp.nanosec < now_ns:
+            fresh = harness.header(now_ns)
+        harness.send_raw(_frame(71), header=fresh)
         assert not any(m.header.stamp == old.stamp for m in harness.messages['tracks'])
     finally:
         node.set_parameters([Parameter('max_frame_age', value=0.0)])

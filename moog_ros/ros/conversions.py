@@ -36,6 +36,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from moog_ros import image_codecs
 from moog_ros.imaging import FrameGeometry, draw_overlay, id_colour
+from moog_ros.logtext import short_list
 
 if TYPE_CHECKING:  # the runtime imports torch; conversions only needs its result type
     from moog_ros.runtime import FrameResult
@@ -69,7 +70,7 @@ def _bytes_view(data) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def image_to_rgb(msg: Image) -> np.ndarray:
+def image_to_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
     """Converts a ``sensor_msgs/Image`` to RGB uint8 ``[H, W, 3]``.
 
     A thin wrapper of :func:`moog_ros.image_codecs.decode_rgb` (the one decoder shared with
@@ -77,17 +78,55 @@ def image_to_rgb(msg: Image) -> np.ndarray:
     keeps its top 8 bits, ``32FC1`` is intensity in [0, 1].
 
     Raises:
-        ConversionError: unsupported encoding, zero size, ``step`` too small, data shorter than
+        ConversionError: unsupported encoding, zero size, more than ``max_pixels`` (None: the
+            codec's ``DEFAULT_MAX_PIXELS``), ``step`` too small, data shorter than
             ``step * height`` or non-finite values in a float image (the text of the codec's
             :class:`~moog_ros.image_codecs.ImageDecodeError`, which it chains).
     """
     try:
-        return image_codecs.image_msg_to_rgb(msg)
+        return image_codecs.image_msg_to_rgb(msg, max_pixels)
     except image_codecs.ImageDecodeError as err:
         raise ConversionError(str(err)) from err
 
 
-def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
+def image_header(msg: Image, max_pixels: int | None = None) -> tuple[str, int, int]:
+    """``(encoding, width, height)`` of an Image whose header and layout are valid.
+
+    Arithmetic on the header only (no pixel is converted), so a receiver can refuse a bad
+    frame before it displaces a good one waiting for inference.
+
+    Raises:
+        ConversionError: what :func:`image_to_rgb` would raise, except for non-finite float
+            values (found only by decoding).
+    """
+    try:
+        image_codecs.check_image_layout(msg.encoding, msg.height, msg.width, msg.step, msg.data,
+                                        max_pixels)
+    except image_codecs.ImageDecodeError as err:
+        raise ConversionError(str(err)) from err
+    return msg.encoding, int(msg.width), int(msg.height)
+
+
+def compressed_header(msg: CompressedImage, max_pixels: int | None = None
+                      ) -> tuple[str, int, int]:
+    """``(encoding, width, height)`` of a CompressedImage from its PNG/JPEG header alone.
+
+    ``encoding`` is the original encoding image_transport names before the codec (``'rgb8'``
+    of ``'rgb8; jpeg compressed bgr8'``), ``''`` for a bare ``'jpeg'``/``'png'``: the codec
+    itself does not make another stream (both decode to the same RGB).
+
+    Raises:
+        ConversionError: empty, neither PNG nor JPEG, damaged or truncated, or more than
+            ``max_pixels`` (a decompression bomb is refused here, before any decoding).
+    """
+    try:
+        width, height = image_codecs.compressed_size(msg.format, msg.data, max_pixels)
+    except image_codecs.ImageDecodeError as err:
+        raise ConversionError(str(err)) from err
+    return msg.format.partition(';')[0].strip() if ';' in msg.format else '', width, height
+
+
+def compressed_to_rgb(msg: CompressedImage, max_pixels: int | None = None) -> np.ndarray:
     """Decodes a ``sensor_msgs/CompressedImage`` (jpeg or png) to RGB uint8 ``[H, W, 3]``.
 
     A thin wrapper of :func:`moog_ros.image_codecs.decode_compressed_rgb`: ``format`` may be a
@@ -96,10 +135,11 @@ def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     rejected.
 
     Raises:
-        ConversionError: unsupported format, empty or undecodable data.
+        ConversionError: unsupported format, empty, truncated or undecodable data, or a header
+            claiming more than ``max_pixels`` (checked before decoding).
     """
     try:
-        return image_codecs.compressed_msg_to_rgb(msg)
+        return image_codecs.compressed_msg_to_rgb(msg, max_pixels)
     except image_codecs.ImageDecodeError as err:
         raise ConversionError(str(err)) from err
 
@@ -112,15 +152,26 @@ def camera_info_k(msg: CameraInfo) -> np.ndarray:
     """``[3, 3]`` float64 K of a CameraInfo, validated.
 
     Raises:
-        ConversionError: non-finite K or a non-positive focal length (an uncalibrated camera
-            publishes K = 0).
+        ConversionError: non-finite K, a non-positive focal length (an uncalibrated camera
+            publishes K = 0) or a K that cannot be inverted (3-D positions need ``K^-1``).
     """
     K = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
     if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0 or K[2, 2] != 1.0:
         raise ConversionError(f'CameraInfo ({msg.width}x{msg.height}): field k is not a '
                               f'calibrated camera matrix (fx, fy > 0, k[8] = 1): '
                               f'{K.ravel().tolist()}')
+    # fx, fy > 0 and k[8] = 1 do not make K invertible (e.g. two equal rows). A condition number
+    # this large means K^-1 amplifies rounding into metres of error, or overflows (1e308).
+    with np.errstate(all='ignore'):
+        condition = np.linalg.cond(K)
+    if not np.isfinite(condition) or condition > _MAX_K_CONDITION:
+        raise ConversionError(f'CameraInfo ({msg.width}x{msg.height}): field k is singular or '
+                              f'ill-conditioned (condition number {condition:.3g}): '
+                              f'{K.ravel().tolist()}')
     return K
+
+
+_MAX_K_CONDITION = 1e12
 
 
 def scaled_camera_info(msg: CameraInfo, geometry: FrameGeometry, header: Header,
@@ -262,36 +313,52 @@ def tracks_to_cloud(header: Header, track_ids: np.ndarray, tracks_xy: np.ndarray
 _CLOUD_NUMPY_TYPES = {PointField.FLOAT32: 'f4', PointField.FLOAT64: 'f8'}
 
 
-def cloud_to_xy(msg: PointCloud2) -> np.ndarray:
+def cloud_to_xy(msg: PointCloud2, max_points: int | None = None) -> np.ndarray:
     """Pixel positions ``[N, 2]`` (float64) from a PointCloud2 with fields ``u, v`` (or ``x, y``).
 
     Used for batches of query points on ``~/add_points_batch``.
 
     Raises:
-        ConversionError: missing or non-float fields, or data shorter than the declared size.
+        ConversionError: missing or non-float fields, a ``point_step`` that cannot hold the
+            fields (0, smaller than them, a field offset past it), more than ``max_points``
+            points, or data shorter than the declared size.
     """
     fields = {f.name: f for f in msg.fields}
     names = ('u', 'v') if {'u', 'v'} <= fields.keys() else ('x', 'y')
-    where = f'PointCloud2 ({msg.width}x{msg.height} points)'
+    where = f'PointCloud2 ({msg.width}x{msg.height} points, point_step {msg.point_step})'
     for name in names:
         if name not in fields:
             raise ConversionError(f'{where}: needs float fields u, v (or x, y); has '
-                                  f'{sorted(fields)}')
+                                  f'{short_list(sorted(fields))}')
         if fields[name].datatype not in _CLOUD_NUMPY_TYPES:
             raise ConversionError(f'{where}: field {name!r} must be FLOAT32 or FLOAT64')
+    step = int(msg.point_step)
+    for name in names:
+        # NumPy refuses a structured dtype whose fields do not fit its itemsize (ValueError):
+        # check here so every bad layout is a ConversionError naming the field.
+        end = int(fields[name].offset) + int(_CLOUD_NUMPY_TYPES[fields[name].datatype][1])
+        if end > step:
+            raise ConversionError(f'{where}: field {name!r} at offset {fields[name].offset} '
+                                  f'does not fit in point_step {step}')
     count = int(msg.width) * int(msg.height)
+    if max_points is not None and count > max_points:
+        raise ConversionError(f'{where}: {count} points is over the limit of {max_points} '
+                              '(max_points_per_message)')
     raw = _bytes_view(msg.data)
-    if raw.size < count * int(msg.point_step):
+    if raw.size < count * step:
         raise ConversionError(f'{where}: data has {raw.size} bytes, expected point_step * '
-                              f'count = {count * int(msg.point_step)}')
+                              f'count = {count * step}')
     order = '>' if msg.is_bigendian else '<'
-    dtype = np.dtype({
-        'names': list(names),
-        'formats': [order + _CLOUD_NUMPY_TYPES[fields[n].datatype] for n in names],
-        'offsets': [fields[n].offset for n in names],
-        'itemsize': int(msg.point_step),
-    })
-    points = np.frombuffer(raw[:count * int(msg.point_step)].tobytes(), dtype=dtype)
+    try:
+        dtype = np.dtype({
+            'names': list(names),
+            'formats': [order + _CLOUD_NUMPY_TYPES[fields[n].datatype] for n in names],
+            'offsets': [int(fields[n].offset) for n in names],
+            'itemsize': step,
+        })
+    except (ValueError, TypeError) as err:  # anything the checks above missed
+        raise ConversionError(f'{where}: unusable field layout: {err}') from err
+    points = np.frombuffer(raw[:count * step].tobytes(), dtype=dtype)
     return np.stack([points[names[0]], points[names[1]]], axis=1).astype(np.float64)
 
 
@@ -329,12 +396,17 @@ def detection_label(det: Detection2D) -> str:
     return best.hypothesis.class_id
 
 
-def detections_to_xyxy(msg: Detection2DArray) -> tuple[np.ndarray, list[str]]:
+def detections_to_xyxy(msg: Detection2DArray, max_detections: int | None = None
+                       ) -> tuple[np.ndarray, list[str]]:
     """Boxes ``[N, 4]`` (xyxy input pixels) and class labels of a Detection2DArray.
 
     Raises:
-        ConversionError: any detection has an invalid box (the message names its index).
+        ConversionError: more than ``max_detections`` detections (checked before any is
+            converted), or any detection has an invalid box (the message names its index).
     """
+    if max_detections is not None and len(msg.detections) > max_detections:
+        raise ConversionError(f'Detection2DArray: {len(msg.detections)} detections is over the '
+                              f'limit of {max_detections} (max_detections)')
     boxes = [bbox_to_xyxy(det.bbox, f'Detection2DArray.detections[{k}].bbox')
              for k, det in enumerate(msg.detections)]
     labels = [detection_label(det) for det in msg.detections]

@@ -16,6 +16,8 @@ import threading
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 import numpy as np
 
+from moog_ros.logtext import clip_text
+
 OK, WARN, ERROR, STALE = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR,
                           DiagnosticStatus.STALE)
 
@@ -94,7 +96,11 @@ class PipelineMonitor:
         self._step_ms = RollingPercentiles()
         self._latency_ms = RollingPercentiles()
         self._counts = dict.fromkeys(
-            ('received', 'processed', 'replaced', 'stale', 'invalid', 'errors', 'resets'), 0)
+            ('received', 'processed', 'replaced', 'stale', 'invalid', 'errors', 'resets',
+             'policy'), 0)
+        # Messages refused by the input policy or a limit (and invalid ones), by kind.
+        self._dropped: dict[str, int] = {}
+        self._last_policy = ''
         self._reported = dict(self._counts)
         self._last_input_s: float | None = None
         self._last_error = ''
@@ -118,11 +124,26 @@ class PipelineMonitor:
         with self._lock:
             self._counts['stale'] += 1
 
-    def invalid(self, reason: str) -> None:
-        """A frame could not be converted (bad encoding, size, data)."""
+    def invalid(self, reason: str, kind: str = 'invalid_frame') -> None:
+        """A frame could not be converted (bad encoding, size, data); counted under ``kind``
+        too."""
         with self._lock:
             self._counts['invalid'] += 1
+            self._dropped[kind] = self._dropped.get(kind, 0) + 1
             self._last_invalid = reason
+
+    def dropped(self, kind: str, reason: str = '') -> None:
+        """A message was refused by the input policy or a limit (a foreign frame, a stamp
+        outlier, too many detections, a singular K, ...)."""
+        with self._lock:
+            self._counts['policy'] += 1
+            self._dropped[kind] = self._dropped.get(kind, 0) + 1
+            self._last_policy = f'{kind}: {reason}' if reason else kind
+
+    def dropped_by_kind(self) -> dict[str, int]:
+        """Totals since start of invalid and refused messages per kind (a copy)."""
+        with self._lock:
+            return dict(self._dropped)
 
     def error(self, reason: str) -> None:
         """Inference or publishing raised."""
@@ -174,6 +195,8 @@ class PipelineMonitor:
                 'errors': self._counts['errors'],
                 'state_resets': self._counts['resets'],
                 'last_reset_reason': self._last_reset or 'none',
+                'dropped_by_policy': self._counts['policy'],
+                **{f'dropped_{kind}': count for kind, count in sorted(self._dropped.items())},
             }
             if self._last_input_s is None or now_s - self._last_input_s > self.stale_after_s:
                 level, message = STALE, 'no input images'
@@ -183,11 +206,14 @@ class PipelineMonitor:
                 level, message = WARN, f'{delta["invalid"]} invalid frames: {self._last_invalid}'
             elif delta['stale']:
                 level, message = WARN, f'{delta["stale"]} frames older than max_frame_age'
+            elif delta['policy']:
+                level, message = WARN, (f'{delta["policy"]} messages dropped by the input '
+                                        f'policy: {self._last_policy}')
             else:
                 level, message = OK, 'running'
         if extra:
             values.update(extra)
-        return DiagnosticStatus(level=level, name=self.name, message=message,
+        return DiagnosticStatus(level=level, name=self.name, message=clip_text(message, 300),
                                 hardware_id=self.hardware_id, values=key_values(values))
 
 

@@ -17,6 +17,14 @@ message (replacing, and counting, one still waiting) and wakes the inference cal
 runs in its own mutually exclusive callback group. A frame older than ``max_frame_age`` when
 inference would start is dropped and counted.
 
+Hostile input: every callback survives every message (a message that cannot be used is counted
+by kind in ``/diagnostics`` and logged at most once per kind per 5 s, lines under 1 KB). An
+image is checked from its header before it may displace the frame waiting for inference (size
+limit, layout; PNG/JPEG header, so decompression bombs are never decoded) and goes through
+:class:`~moog_ros.input_policy.InputPolicy`: a frame of another encoding or size, or stamped
+far from the stream, is dropped without touching the state unless the change is sustained for
+``stream_change_frames`` frames.
+
 Run directly (``moog_node``), the node configures and activates itself (parameter
 ``autostart``, default true); the launch file sets ``autostart: false`` and lets
 ``launch_ros.actions.LifecycleNode(autostart=True)`` drive the transitions.
@@ -24,6 +32,7 @@ Run directly (``moog_node``), the node configures and activates itself (paramete
 from __future__ import annotations
 
 from collections import deque
+import contextlib
 import dataclasses
 import gc
 from pathlib import Path
@@ -48,6 +57,8 @@ import torch
 from vision_msgs.msg import Detection2D, Detection2DArray
 from visualization_msgs.msg import MarkerArray
 
+from moog_ros.input_policy import InputPolicy
+from moog_ros.logtext import LogLimiter, clip_text, short_list
 from moog_ros.ros import conversions as conv
 from moog_ros.ros.diagnostics import PipelineMonitor, diagnostic_array
 from moog_ros.ros.params import (
@@ -67,7 +78,7 @@ _COMMAND_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
 # Detector output: best effort accepts reliable and best-effort detectors alike.
 _DETECTIONS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
                              reliability=ReliabilityPolicy.BEST_EFFORT)
-_LOG_EVERY_S = 5.0  # throttle for per-frame warnings
+_LOG_EVERY_S = 5.0  # at most one log line per kind per this many seconds
 _OUTPUT_TYPES = {'depth': Image, 'depth_info': CameraInfo, 'tracks': PointCloud2,
                  'track_markers': MarkerArray, 'detections': Detection2DArray,
                  'box_markers': MarkerArray, 'overlay': Image}
@@ -111,10 +122,12 @@ class MoogNode(LifecycleNode):
         # Guards the runtime against cleanup while a frame is in flight.
         self._runtime_lock = threading.Lock()
         self._pending_lock = threading.Lock()
-        self._pending: tuple[Image | CompressedImage, float] | None = None
+        # (message, received monotonic s, reset reason of a sustained stream change or None)
+        self._pending: tuple[Image | CompressedImage, float, str | None] | None = None
         self._active = False
         self._camera_info: CameraInfo | None = None
-        self._last_encoding: str | None = None
+        self._policy: InputPolicy | None = None
+        self._limiter = LogLimiter(_LOG_EVERY_S)
         self._builder: conv.FrameMessageBuilder | None = None
         self._state_start_ns: int | None = None
         self._last_result: FrameResult | None = None
@@ -133,9 +146,10 @@ class MoogNode(LifecycleNode):
             runtime = load_runtime(checkpoint, config.runtime_config(), device)
             runtime.warmup(config.warmup_steps)
         except Exception as err:  # any failure must be a clean FAILURE
-            log.error(f'configure failed: {type(err).__name__}: {err}')
+            log.error(clip_text(f'configure failed: {type(err).__name__}: {err}'))
             return TransitionCallbackReturn.FAILURE
         self.config, self.runtime = config, runtime
+        self._policy = InputPolicy(config.input_policy_config())
         self._model_name = Path(checkpoint).name
         self.monitor = PipelineMonitor(f'{self.get_name()}: pipeline', str(device))
         out_qos = qos_profile(config.output_reliability, config.output_depth)
@@ -156,23 +170,31 @@ class MoogNode(LifecycleNode):
         self._wake = self.create_guard_condition(self._on_wake, self._inference_group)
         if config.input_transport == 'compressed':
             self._subs.append(self.create_subscription(
-                CompressedImage, 'image/compressed', self._on_image, in_qos))
+                CompressedImage, 'image/compressed', self._guard('image', self._on_image),
+                in_qos))
         else:
-            self._subs.append(self.create_subscription(Image, 'image', self._on_image, in_qos))
+            self._subs.append(self.create_subscription(
+                Image, 'image', self._guard('image', self._on_image), in_qos))
         self._subs += [
-            self.create_subscription(CameraInfo, 'camera_info', self._on_camera_info,
+            self.create_subscription(CameraInfo, 'camera_info',
+                                     self._guard('camera_info', self._on_camera_info),
                                      qos_profile(config.input_reliability, 1)),
-            self.create_subscription(Detection2DArray, 'detections_in', self._on_detections,
+            self.create_subscription(Detection2DArray, 'detections_in',
+                                     self._guard('detections_in', self._on_detections),
                                      _DETECTIONS_QOS),
-            self.create_subscription(Detection2D, '~/add_box', self._on_add_box, _COMMAND_QOS),
-            self.create_subscription(PointStamped, '~/add_points', self._on_add_point,
+            self.create_subscription(Detection2D, '~/add_box',
+                                     self._guard('add_box', self._on_add_box), _COMMAND_QOS),
+            self.create_subscription(PointStamped, '~/add_points',
+                                     self._guard('add_points', self._on_add_point),
                                      _COMMAND_QOS),
-            self.create_subscription(PointCloud2, '~/add_points_batch', self._on_add_points,
+            self.create_subscription(PointCloud2, '~/add_points_batch',
+                                     self._guard('add_points_batch', self._on_add_points),
                                      _COMMAND_QOS),
         ]
         self._own_services = [
-            self.create_service(Trigger, '~/reset', self._on_reset),
-            self.create_service(Trigger, '~/clear_points', self._on_clear_points),
+            self.create_service(Trigger, '~/reset', self._guard_service('reset', self._on_reset)),
+            self.create_service(Trigger, '~/clear_points',
+                                self._guard_service('clear_points', self._on_clear_points)),
         ]
         self._timer = self.create_timer(config.diagnostics_period, self._publish_diagnostics)
         self._active = True
@@ -230,7 +252,7 @@ class MoogNode(LifecycleNode):
                     torch.cuda.empty_cache()
         self.config = None
         self._camera_info = None
-        self._last_encoding = None
+        self._policy = None
         self._builder = None
 
     # ------------------------------------------------------------------------ parameters
@@ -247,17 +269,97 @@ class MoogNode(LifecycleNode):
                 return
             self.config = dataclasses.replace(self.config, **changed)
             self.runtime.update_config(self.config.runtime_config())
-        self.get_logger().info(f'parameters changed: {changed}')
+            if self._policy is not None:
+                self._policy.configure(self.config.input_policy_config())
+        self.get_logger().info(clip_text(f'parameters changed: {changed}'))
+
+    # ---------------------------------------------------------------------- logs and drops
+
+    def _log(self, kind: str, text: str, level: str = 'warning') -> None:
+        """One line per ``kind`` per 5 s at most, never over 1 KB (see ``LogLimiter``)."""
+        line = self._limiter(kind, text)
+        if line is None:
+            return
+        # One call site per severity: rclpy refuses a call site whose severity changes.
+        logger = self.get_logger()
+        if level == 'info':
+            logger.info(line)
+        elif level == 'error':
+            logger.error(line)
+        else:
+            logger.warning(line)
+
+    def _drop(self, kind: str, text: str) -> None:
+        """A message refused by the input policy or a limit: counted by kind and logged."""
+        if self.monitor is not None:
+            self.monitor.dropped(kind, clip_text(text, 200))
+        self._log(kind, text)
+
+    def _guard(self, name: str, callback):
+        """``callback`` that never raises: an exception from a message is counted and logged
+        (an exception escaping a callback would end ``executor.spin`` and the node)."""
+        def guarded(msg) -> None:
+            try:
+                callback(msg)
+            except Exception as err:  # every message must be survivable
+                with contextlib.suppress(Exception):  # not even a failing log may escape
+                    self._drop(f'{name}_error', f'{name}: callback failed on a message: '
+                               f'{type(err).__name__}: {err}')
+        return guarded
+
+    def _guard_service(self, name: str, callback):
+        def guarded(request, response):
+            try:
+                return callback(request, response)
+            except Exception as err:
+                with contextlib.suppress(Exception):
+                    self._drop(f'{name}_error', f'~/{name} failed: {type(err).__name__}: {err}')
+                response.success, response.message = False, clip_text(
+                    f'{type(err).__name__}: {err}', 200)
+                return response
+        return guarded
 
     # --------------------------------------------------------------------------- inputs
 
     def _on_image(self, msg: Image | CompressedImage) -> None:
         now = time.monotonic()
-        self.monitor.received(now)
+        monitor, config, policy = self.monitor, self.config, self._policy
+        if monitor is None or config is None or policy is None:
+            return  # cleaned up while the message was in flight
+        monitor.received(now)
+        # Header checks first: a frame that cannot be used must not displace a good one
+        # waiting for inference (under bad traffic most good frames would be lost).
+        try:
+            if isinstance(msg, CompressedImage):
+                encoding, width, height = conv.compressed_header(msg, config.max_image_pixels)
+            else:
+                encoding, width, height = conv.image_header(msg, config.max_image_pixels)
+        except conv.ConversionError as err:
+            kind = 'image_too_large' if 'max_image_pixels' in str(err) else 'invalid_frame'
+            monitor.invalid(clip_text(str(err), 200), kind)
+            self._log(kind, f'dropping a frame: {err}')
+            return
+        stamp_ns = conv.stamp_to_ns(msg.header.stamp)
+        age_s = (self.get_clock().now().nanoseconds - stamp_ns) / 1e9
+        if config.max_frame_age > 0 and age_s > config.max_frame_age:
+            # Old on arrival: stale, not a stamp outlier (it must not count towards a
+            # timeline change either). Frames that grow old while waiting are caught again
+            # in _process.
+            monitor.stale()
+            self._log('stale_frame', f'dropping a frame {age_s:.3f} s old (max_frame_age '
+                      f'{config.max_frame_age:g} s)')
+            return
+        verdict = policy.check(encoding, width, height, stamp_ns)
+        if not verdict.accept:
+            self._drop(verdict.drop, f'dropping a frame: {verdict.detail} (the state is kept; '
+                       f'{config.stream_change_frames} in a row switch the stream)')
+            return
         with self._pending_lock:
+            reset = verdict.reset
             if self._pending is not None:
-                self.monitor.replaced()
-            self._pending = (msg, now)
+                monitor.replaced()
+                reset = reset or self._pending[2]  # a stream change must not be lost
+            self._pending = (msg, now, reset)
         wake = self._wake
         if wake is not None and self._active:  # not while deactivation tears it down
             wake.trigger()
@@ -266,57 +368,86 @@ class MoogNode(LifecycleNode):
         try:
             conv.camera_info_k(msg)
         except conv.ConversionError as err:
-            self.get_logger().warning(f'ignoring camera_info: {err}',
-                                      throttle_duration_sec=_LOG_EVERY_S)
+            self._drop('bad_camera_info', f'ignoring camera_info (the last good one stays in '
+                       f'use): {err}')
             return
         self._camera_info = msg
 
     def _on_detections(self, msg: Detection2DArray) -> None:
+        runtime, config = self.runtime, self.config
+        if runtime is None or config is None:
+            return
         try:
-            xyxy, labels = conv.detections_to_xyxy(msg)
+            xyxy, labels = conv.detections_to_xyxy(msg, config.max_detections)
             if len(xyxy):
-                self.runtime.add_boxes(xyxy, labels)
+                runtime.add_boxes(xyxy, labels)
         except ValueError as err:  # ConversionError is a ValueError
-            self.get_logger().warning(f'ignoring detections_in: {err}',
-                                      throttle_duration_sec=_LOG_EVERY_S)
+            kind = ('detections_over_limit' if 'max_detections' in str(err)
+                    else 'bad_detections')
+            self._drop(kind, f'ignoring detections_in: {err}')
 
     def _on_add_box(self, msg: Detection2D) -> None:
+        runtime = self.runtime
+        if runtime is None:
+            return
         try:
             xyxy = conv.bbox_to_xyxy(msg.bbox, 'add_box Detection2D.bbox')
-            ids = self.runtime.add_boxes(xyxy[None], [conv.detection_label(msg)])
+            ids = runtime.add_boxes(xyxy[None], [conv.detection_label(msg)])
         except ValueError as err:
-            self.get_logger().warning(f'ignoring ~/add_box: {err}')
+            self._drop('bad_add_box', f'ignoring ~/add_box: {err}')
             return
-        self.get_logger().info(f'box track {int(ids[0])} from ~/add_box {xyxy.round(1).tolist()}')
+        self._log('add_box', f'box track {int(ids[0])} from ~/add_box '
+                  f'{xyxy.round(1).tolist()}', 'info')
 
     def _on_add_point(self, msg: PointStamped) -> None:
         self._add_points(conv.point_to_xy(msg), '~/add_points')
 
     def _on_add_points(self, msg: PointCloud2) -> None:
+        config = self.config
+        if config is None:
+            return
         try:
-            xy = conv.cloud_to_xy(msg)
+            xy = conv.cloud_to_xy(msg, config.max_points_per_message)
         except conv.ConversionError as err:
-            self.get_logger().warning(f'ignoring ~/add_points_batch: {err}')
+            kind = ('points_over_limit' if 'max_points_per_message' in str(err)
+                    else 'bad_points')
+            self._drop(kind, f'ignoring ~/add_points_batch: {err}')
             return
         self._add_points(xy, '~/add_points_batch')
 
     def _add_points(self, xy: np.ndarray, source: str) -> None:
-        try:
-            ids = self.runtime.add_points(xy)
-        except ValueError as err:
-            self.get_logger().warning(f'ignoring {source}: {err}')
+        runtime = self.runtime
+        if runtime is None:
             return
-        self.get_logger().info(f'point tracks {ids.tolist()} from {source}')
+        try:
+            ids = runtime.add_points(xy)
+        except ValueError as err:
+            self._drop('bad_points', f'ignoring {source}: {err}')
+            return
+        # One click is one line; a thousand clicks a second must not be a thousand lines.
+        self._log('points_added', f'point tracks {short_list(ids.tolist())} from {source}',
+                  'info')
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response
                   ) -> Trigger.Response:
-        self.runtime.reset('requested on ~/reset')
+        runtime = self.runtime
+        if runtime is None:
+            response.success, response.message = False, 'not configured'
+            return response
+        runtime.reset('requested on ~/reset')
+        self._log('reset_request', '~/reset: the state resets at the next frame', 'info')
         response.success, response.message = True, 'state resets at the next frame'
         return response
 
     def _on_clear_points(self, request: Trigger.Request, response: Trigger.Response
                          ) -> Trigger.Response:
-        self.runtime.clear_points()
+        runtime = self.runtime
+        if runtime is None:
+            response.success, response.message = False, 'not configured'
+            return response
+        runtime.clear_points()
+        self._log('clear_points_request', '~/clear_points: point tracks end at the next frame',
+                  'info')
         response.success, response.message = True, 'point tracks end at the next frame'
         return response
 
@@ -335,44 +466,44 @@ class MoogNode(LifecycleNode):
                 try:
                     self._process(*item)
                 except Exception as err:  # one bad frame must not stop the node
-                    self.monitor.error(f'{type(err).__name__}: {err}')
-                    self.get_logger().error(f'frame failed: {type(err).__name__}: {err}',
-                                            throttle_duration_sec=_LOG_EVERY_S)
+                    self.monitor.error(clip_text(f'{type(err).__name__}: {err}', 200))
+                    self._log('frame_failed', f'frame failed: {type(err).__name__}: {err}',
+                              'error')
                     self.runtime.reset(f'recovering from {type(err).__name__}')
 
-    def _process(self, msg: Image | CompressedImage, received_s: float) -> None:
-        config, runtime, log = self.config, self.runtime, self.get_logger()
+    def _process(self, msg: Image | CompressedImage, received_s: float,
+                 reset_reason: str | None) -> None:
+        config, runtime = self.config, self.runtime
         stamp_ns = conv.stamp_to_ns(msg.header.stamp)
         if config.max_frame_age > 0:
             age_s = (self.get_clock().now().nanoseconds - stamp_ns) / 1e9
             if age_s > config.max_frame_age:
                 self.monitor.stale()
-                log.warning(f'dropping a frame {age_s:.3f} s old (max_frame_age '
-                            f'{config.max_frame_age:g} s)', throttle_duration_sec=_LOG_EVERY_S)
+                self._log('stale_frame', f'dropping a frame {age_s:.3f} s old (max_frame_age '
+                          f'{config.max_frame_age:g} s)')
                 return
         start = time.perf_counter()
         try:
             if isinstance(msg, CompressedImage):
-                rgb, encoding = conv.compressed_to_rgb(msg), msg.format
+                rgb = conv.compressed_to_rgb(msg, config.max_image_pixels)
             else:
-                rgb, encoding = conv.image_to_rgb(msg), msg.encoding
+                rgb = conv.image_to_rgb(msg, config.max_image_pixels)
         except conv.ConversionError as err:
-            self.monitor.invalid(str(err))
-            log.warning(f'dropping a frame: {err}', throttle_duration_sec=_LOG_EVERY_S)
+            self.monitor.invalid(clip_text(str(err), 200), 'undecodable_frame')
+            self._log('undecodable_frame', f'dropping a frame: {err}')
             return
-        if self._last_encoding is not None and encoding != self._last_encoding:
-            runtime.reset(f'encoding changed from {self._last_encoding!r} to {encoding!r}')
-        self._last_encoding = encoding
+        if reset_reason is not None:  # a sustained change of stream (the policy said so)
+            runtime.reset(reset_reason)
         converted = time.perf_counter()
         result = runtime.process(rgb, stamp_ns)
         processed = time.perf_counter()
         if result.reset_reason is not None:
             self.monitor.reset(result.reset_reason)
-            log.info(f'state reset: {result.reset_reason}')
+            self._log('state_reset', f'state reset: {result.reset_reason}', 'info')
         if result.frame_index == 0:
             self._state_start_ns = stamp_ns
         for note in result.notes:
-            log.warning(note)
+            self._log('note: ' + ' '.join(note.split()[:2]), note)
         self._publish(msg.header, rgb, result)
         done = time.perf_counter()
         latency_ms = (time.monotonic() - received_s) * 1e3
@@ -388,11 +519,10 @@ class MoogNode(LifecycleNode):
         pubs = self._pubs
         info = self._camera_info
         if info is not None and conv.matching_intrinsics(info, result.geometry.input_wh) is None:
-            self.get_logger().warning(
-                f'camera_info is {info.width}x{info.height} but images are '
-                f'{result.geometry.input_wh[0]}x{result.geometry.input_wh[1]}; no '
-                'depth/camera_info and no 3-D positions until they match',
-                throttle_duration_sec=_LOG_EVERY_S)
+            self._log('camera_info_size',
+                      f'camera_info is {info.width}x{info.height} but images are '
+                      f'{result.geometry.input_wh[0]}x{result.geometry.input_wh[1]}; no '
+                      'depth/camera_info and no 3-D positions until they match')
         # Overlay and markers are for people: built only while someone subscribes.
         wanted = {'depth', 'depth_info', 'tracks', 'detections'} | {
             key for key in ('overlay', 'track_markers', 'box_markers')

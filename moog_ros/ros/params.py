@@ -32,7 +32,9 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from moog_ros.image_codecs import DEFAULT_MAX_PIXELS
 from moog_ros.imaging import RESIZE_MODES
+from moog_ros.input_policy import InputPolicyConfig
 from moog_ros.runtime import RuntimeConfig
 
 PACKAGE = 'moog_ros'
@@ -104,12 +106,41 @@ class NodeConfig:
         'recurrent state (keep it above the processing period). 0 disables.',
         range=(0.0, 3600.0))
 
+    # Input policy: what the camera stream is (a frame that does not match is dropped and
+    # counted, the state untouched; a change sustained for stream_change_frames frames resets).
+    stream_encoding: str = _param(
+        '', "The stream's encoding (compressed: the encoding before the codec, 'rgb8' of "
+        "'rgb8; jpeg compressed bgr8', '' for a bare jpeg/png); '' = that of the first "
+        'accepted frame. Frames of another encoding are dropped and counted.')
+    stream_width: int = _param(
+        0, "The stream's width in pixels; 0 = that of the first accepted frame.",
+        range=(0, 65535))
+    stream_height: int = _param(
+        0, "The stream's height in pixels; 0 = that of the first accepted frame.",
+        range=(0, 65535))
+    stream_change_frames: int = _param(
+        3, 'Consecutive frames of a new encoding or size (where not pinned), or of a stamp '
+        'jump (backwards, or more than reset_gap ahead), that make the change stick and reset '
+        'the state; fewer are dropped as strays. 1: every change resets at once.',
+        range=(1, 1000))
+
+    # Limits on what one message may ask for (over a limit: dropped, counted, logged).
+    max_image_pixels: int = _param(
+        DEFAULT_MAX_PIXELS, 'Most pixels (width x height) of an input image, checked from the '
+        'header (PNG/JPEG: before decoding, so decompression bombs are refused).',
+        range=(1, 2**31 - 1))
+    max_detections: int = _param(
+        256, 'Most detections in one detections_in message.', range=(1, 100000))
+    max_points_per_message: int = _param(
+        1024, 'Most points in one ~/add_points_batch message.', range=(1, 100000))
+
     # Point tracks.
     grid_points: int = _param(
         64, 'Query points seeded on a grid at start and re-seeded where tracks were lost '
         '(0: only points added on ~/add_points).', range=(0, 4096))
-    max_points: int = _param(256, 'Most point tracks alive at once (grid + added).',
-                             range=(1, 4096))
+    max_points: int = _param(
+        256, 'Most point tracks alive at once (grid + added); also the most points queued '
+        'between two frames.', range=(1, 4096))
     visible_threshold: float = _param(
         0.5, 'A point is visible when p(visible) * p(certain) exceeds this.', range=(0.0, 1.0))
     max_invisible_frames: int = _param(
@@ -119,7 +150,9 @@ class NodeConfig:
                                range=(0, 1000))
 
     # Box tracks.
-    max_boxes: int = _param(32, 'Most box tracks alive at once.', range=(1, 1024))
+    max_boxes: int = _param(
+        32, 'Most box tracks alive at once; at most 4 x this many boxes queue between two '
+        'frames.', range=(1, 1024))
     box_match_iou: float = _param(
         0.5, 'A detector box with at least this IoU to a live box track refreshes that track '
         'and keeps its id; others start new tracks.', range=(0.0, 1.0))
@@ -134,6 +167,12 @@ class NodeConfig:
                                 range=(0.0, 1000.0))
     depth_max_m: float = _param(100.0, 'Depth above this (metres) is published as NaN.',
                                 range=(0.0, 100000.0))
+
+    def input_policy_config(self) -> InputPolicyConfig:
+        """The :class:`InputPolicyConfig` these parameters describe."""
+        return InputPolicyConfig(
+            encoding=self.stream_encoding, width=self.stream_width, height=self.stream_height,
+            change_frames=self.stream_change_frames, reset_gap_s=self.reset_gap)
 
     def runtime_config(self) -> RuntimeConfig:
         """The :class:`RuntimeConfig` these parameters describe."""

@@ -1,0 +1,154 @@
+"""What counts as the camera stream: one stray frame must not cost the tracking state.
+
+The runtime resets its recurrent state when the input resolution changes or the stamp jumps
+(backwards, or forwards by more than ``reset_gap``). On a live topic that is fragile: a second
+publisher, a single frame of another encoding or size, or one frame stamped in 2038 would wipe
+every track -- twice, since the next good frame is a change again. :class:`InputPolicy` sits in
+front of the runtime and decides per frame, from the header alone:
+
+- the **stream identity** is ``(encoding, width, height)``: pinned by parameters where given,
+  otherwise learned from the first accepted frame. A frame of another identity is *foreign*:
+  dropped and counted, the state untouched;
+- the **timeline** is the last accepted stamp: a frame stamped backwards, or more than the
+  reset gap ahead, is an *outlier*: dropped and counted;
+- only a **sustained** change -- ``change_frames`` consecutive frames that agree with each other
+  (same new identity; stamps that follow each other) -- is accepted, with a reset reason for the
+  runtime. ``change_frames = 1`` is the old behaviour (every change resets at once).
+
+Any accepted frame clears a pending change: "consecutive" means no good frame in between.
+Pure Python; the node calls it from its image callback, before a frame can displace the one
+waiting for inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import threading
+
+# Kinds of policy drops (the node counts and logs them by these names).
+FOREIGN = 'foreign_frame'
+OUTLIER = 'time_outlier'
+
+
+@dataclass(frozen=True)
+class InputPolicyConfig:
+    """Attributes:
+        encoding: the stream's encoding (CompressedImage: its format); '' = the first frame's.
+        width, height: the stream's size; 0 = the first frame's.
+        change_frames: consecutive frames that make a change of identity or timeline stick.
+        reset_gap_s: a stamp this far past the last accepted one is an outlier (0: only
+            backwards stamps are).
+    """
+
+    encoding: str = ''
+    width: int = 0
+    height: int = 0
+    change_frames: int = 3
+    reset_gap_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.change_frames < 1 or self.width < 0 or self.height < 0 or self.reset_gap_s < 0:
+            raise ValueError(f'InputPolicyConfig: change_frames >= 1, width/height >= 0 and '
+                             f'reset_gap_s >= 0 needed, got {self}')
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``accept``: hand the frame on; ``reset``: the reason to reset first (a sustained change),
+    else None; ``drop``: the kind of a refused frame (:data:`FOREIGN`, :data:`OUTLIER`);
+    ``detail``: what was wrong, for the log."""
+
+    accept: bool
+    reset: str | None = None
+    drop: str | None = None
+    detail: str = ''
+
+
+_ACCEPT = Verdict(True)
+
+
+def _name(identity: tuple[str, int, int]) -> str:
+    encoding, width, height = identity
+    return f'{encoding} {width}x{height}'
+
+
+class InputPolicy:
+    """Accepts or drops frames by stream identity and timeline (see the module docstring).
+
+    Thread-safe; ``check`` is cheap (no pixels).
+    """
+
+    def __init__(self, config: InputPolicyConfig) -> None:
+        self._lock = threading.Lock()
+        self.configure(config)
+
+    def configure(self, config: InputPolicyConfig) -> None:
+        """A new policy. The learned identity and timeline are kept unless the pinned stream
+        (encoding, width, height) changed."""
+        with self._lock:
+            old = getattr(self, 'config', None)
+            self.config = config
+            if old is not None and (old.encoding, old.width, old.height) == (
+                    config.encoding, config.width, config.height):
+                return
+            self._identity: tuple[str, int, int] | None = None
+            self._last_ns: int | None = None
+            # (identity, last stamp, count) of a change that is not sustained yet.
+            self._candidate: tuple[tuple[str, int, int], int, int] | None = None
+
+    @property
+    def identity(self) -> tuple[str, int, int] | None:
+        return self._identity
+
+    def _pinned_mismatch(self, identity: tuple[str, int, int]) -> str:
+        cfg = self.config
+        encoding, width, height = identity
+        wrong = []
+        if cfg.encoding and encoding != cfg.encoding:
+            wrong.append(f'encoding {encoding!r} (stream_encoding {cfg.encoding!r})')
+        if cfg.width and width != cfg.width:
+            wrong.append(f'width {width} (stream_width {cfg.width})')
+        if cfg.height and height != cfg.height:
+            wrong.append(f'height {height} (stream_height {cfg.height})')
+        return ', '.join(wrong)
+
+    def _follows(self, previous_ns: int, stamp_ns: int) -> bool:
+        """``stamp_ns`` continues a timeline whose last stamp is ``previous_ns``."""
+        gap = self.config.reset_gap_s
+        return stamp_ns >= previous_ns and (gap <= 0 or stamp_ns - previous_ns <= gap * 1e9)
+
+    def check(self, encoding: str, width: int, height: int, stamp_ns: int) -> Verdict:
+        """The verdict on one frame; an accepted frame becomes the stream's latest."""
+        identity = (str(encoding), int(width), int(height))
+        stamp_ns = int(stamp_ns)
+        with self._lock:
+            pinned = self._pinned_mismatch(identity)
+            if pinned:  # parameters pin the stream: never switch to another
+                return Verdict(False, drop=FOREIGN, detail=f'not the configured stream: {pinned}')
+            if self._identity is None:  # the first frame defines the stream
+                self._identity, self._last_ns, self._candidate = identity, stamp_ns, None
+                return _ACCEPT
+            if identity == self._identity and self._follows(self._last_ns, stamp_ns):
+                self._last_ns, self._candidate = stamp_ns, None
+                return _ACCEPT
+            # A change: of identity, or of timeline. It sticks after change_frames frames in a
+            # row that agree with each other.
+            candidate = self._candidate
+            if (candidate is not None and candidate[0] == identity
+                    and self._follows(candidate[1], stamp_ns)):
+                count = candidate[2] + 1
+            else:
+                count = 1
+            if identity != self._identity:
+                kind = FOREIGN
+                detail = f'{_name(identity)} is not the stream ({_name(self._identity)})'
+            else:
+                kind = OUTLIER
+                jump = (stamp_ns - self._last_ns) / 1e9
+                detail = (f'stamp {jump:+.3f} s from the last accepted frame' if abs(jump) < 1e6
+                          else f'stamp {stamp_ns / 1e9:.3f} s vs {self._last_ns / 1e9:.3f} s')
+            if count >= self.config.change_frames:
+                reason = f'{detail}, for {count} consecutive frames: the stream changed'
+                self._identity, self._last_ns, self._candidate = identity, stamp_ns, None
+                return Verdict(True, reset=reason)
+            self._candidate = (identity, stamp_ns, count)
+            return Verdict(False, drop=kind, detail=detail)
