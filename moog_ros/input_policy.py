@@ -9,13 +9,17 @@ front of the runtime and decides per frame, from the header alone:
 - the **stream identity** is ``(encoding, width, height)``: pinned by parameters where given,
   otherwise learned from the first accepted frame. A frame of another identity is *foreign*:
   dropped and counted, the state untouched;
-- the **timeline** is the last accepted stamp: a frame stamped backwards, or more than the
-  reset gap ahead, is an *outlier*: dropped and counted;
+- the **timeline** is the last accepted stamp: a frame stamped backwards, or jumping more than
+  ``max(reset_gap, 1 s)`` ahead of both the last stamp and the receiver's clock, is an
+  *outlier*: dropped and counted (a forward gap up to the clock is a pause: accepted, and the
+  runtime resets on it as before);
 - only a **sustained** change -- ``change_frames`` consecutive frames that agree with each other
-  (same new identity; stamps that follow each other) -- is accepted, with a reset reason for the
-  runtime. ``change_frames = 1`` is the old behaviour (every change resets at once).
+  (same new identity; stamps not going backwards among them) -- is accepted, with a reset reason
+  for the runtime. ``change_frames = 1`` is the old behaviour (every change resets at once).
 
-Any accepted frame clears a pending change: "consecutive" means no good frame in between.
+"Consecutive" is strict: any other frame in between -- a frame of the stream, or of a third
+identity -- starts the count again, so a stray publisher between the camera's frames never
+gets there.
 Pure Python; the node calls it from its image callback, before a frame can displace the one
 waiting for inference.
 """
@@ -35,8 +39,8 @@ class InputPolicyConfig:
         encoding: the stream's encoding (CompressedImage: its format); '' = the first frame's.
         width, height: the stream's size; 0 = the first frame's.
         change_frames: consecutive frames that make a change of identity or timeline stick.
-        reset_gap_s: a stamp this far past the last accepted one is an outlier (0: only
-            backwards stamps are).
+        reset_gap_s: a stamp more than ``max(reset_gap_s, 1 s)`` past the last accepted one
+            and past the clock is an outlier.
     """
 
     encoding: str = ''
@@ -111,13 +115,32 @@ class InputPolicy:
             wrong.append(f'height {height} (stream_height {cfg.height})')
         return ', '.join(wrong)
 
-    def _follows(self, previous_ns: int, stamp_ns: int) -> bool:
-        """``stamp_ns`` continues a timeline whose last stamp is ``previous_ns``."""
-        gap = self.config.reset_gap_s
-        return stamp_ns >= previous_ns and (gap <= 0 or stamp_ns - previous_ns <= gap * 1e9)
+    def _follows(self, previous_ns: int, stamp_ns: int, now_ns: int | None) -> bool:
+        """``stamp_ns`` continues a timeline whose last stamp is ``previous_ns``: not
+        backwards, and not a jump into the future (more than the tolerance past both the last
+        stamp and the clock). A forward gap up to the clock is a pause, not an outlier: the
+        runtime resets on it by itself (``reset_gap``), and a slow camera keeps every frame."""
+        if stamp_ns < previous_ns:
+            return False
+        tolerance = self.future_tolerance_ns
+        return not (stamp_ns - previous_ns > tolerance and now_ns is not None
+                    and stamp_ns - now_ns > tolerance)
 
-    def check(self, encoding: str, width: int, height: int, stamp_ns: int) -> Verdict:
-        """The verdict on one frame; an accepted frame becomes the stream's latest."""
+    @property
+    def future_tolerance_ns(self) -> float:
+        """How far past the clock a stamp may jump: ``max(reset_gap_s, 1 s)``."""
+        return max(self.config.reset_gap_s, 1.0) * 1e9
+
+    def check(self, encoding: str, width: int, height: int, stamp_ns: int,
+              now_ns: int | None = None) -> Verdict:
+        """The verdict on one frame; an accepted frame becomes the stream's latest.
+
+        Args:
+            encoding, width, height: the frame's identity (from its header).
+            stamp_ns: its header stamp.
+            now_ns: the receiver's clock (ROS time), so a frame stamped far ahead of it (2038)
+                is told from a pause; None: forward jumps are never outliers.
+        """
         identity = (str(encoding), int(width), int(height))
         stamp_ns = int(stamp_ns)
         with self._lock:
@@ -127,14 +150,18 @@ class InputPolicy:
             if self._identity is None:  # the first frame defines the stream
                 self._identity, self._last_ns, self._candidate = identity, stamp_ns, None
                 return _ACCEPT
-            if identity == self._identity and self._follows(self._last_ns, stamp_ns):
+            if identity == self._identity and self._follows(self._last_ns, stamp_ns, now_ns):
                 self._last_ns, self._candidate = stamp_ns, None
                 return _ACCEPT
             # A change: of identity, or of timeline. It sticks after change_frames frames in a
             # row that agree with each other.
+            # A frame continues a pending change if it has the same identity and is not
+            # stamped before it (no gap limit: a camera restarted at a low rate must still be
+            # able to switch). A 2038 stray followed by a real frame is not continued: the real
+            # frame goes back in time relative to it, and follows the stream instead.
             candidate = self._candidate
             if (candidate is not None and candidate[0] == identity
-                    and self._follows(candidate[1], stamp_ns)):
+                    and stamp_ns >= candidate[1]):
                 count = candidate[2] + 1
             else:
                 count = 1
@@ -144,8 +171,8 @@ class InputPolicy:
             else:
                 kind = OUTLIER
                 jump = (stamp_ns - self._last_ns) / 1e9
-                detail = (f'stamp {jump:+.3f} s from the last accepted frame' if abs(jump) < 1e6
-                          else f'stamp {stamp_ns / 1e9:.3f} s vs {self._last_ns / 1e9:.3f} s')
+                detail = (f'stamp {jump:+.3f} s from the last accepted frame' if jump < 0
+                          else f'stamp {(stamp_ns - now_ns) / 1e9:.3f} s ahead of the clock')
             if count >= self.config.change_frames:
                 reason = f'{detail}, for {count} consecutive frames: the stream changed'
                 self._identity, self._last_ns, self._candidate = identity, stamp_ns, None

@@ -241,6 +241,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 _NO_IDS = np.zeros(0, dtype=np.uint32)
 _QUEUED_BOX_FACTOR = 4  # boxes queued between two frames: at most this times max_boxes
+# Coordinates further out than this are no camera's pixels; 1e308 would overflow the geometry.
+MAX_COORDINATE = 1e6
 
 
 @dataclass
@@ -306,8 +308,9 @@ class MoogRuntime:
         xy = np.asarray(xy_input, dtype=np.float64)
         if xy.ndim != 2 or xy.shape[1] != 2:
             raise ValueError(f'add_points: expected [N, 2] input pixels, got {list(xy.shape)}')
-        if not np.isfinite(xy).all():
-            raise ValueError('add_points: coordinates must be finite')
+        if not np.isfinite(xy).all() or (xy.size and np.abs(xy).max() > MAX_COORDINATE):
+            raise ValueError(f'add_points: coordinates must be finite and within '
+                             f'+-{MAX_COORDINATE:g} pixels')
         with self._lock:
             geometry = self._geometry
             if geometry is not None:
@@ -353,8 +356,9 @@ class MoogRuntime:
         if np.asarray(xyxy_input).ndim not in (1, 2) or np.asarray(xyxy_input).shape[-1] != 4:
             raise ValueError(f'add_boxes: expected [N, 4] xyxy, got '
                              f'{list(np.asarray(xyxy_input).shape)}')
-        if not np.isfinite(xyxy).all():
-            raise ValueError('add_boxes: coordinates must be finite')
+        if not np.isfinite(xyxy).all() or (xyxy.size and np.abs(xyxy).max() > MAX_COORDINATE):
+            raise ValueError(f'add_boxes: coordinates must be finite and within '
+                             f'+-{MAX_COORDINATE:g} pixels')
         bad = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
         if bad.any():
             raise ValueError(f'add_boxes: boxes need x_max > x_min and y_max > y_min: '

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 import copy
+import struct
 import sys
 from typing import TYPE_CHECKING
 
@@ -411,6 +412,29 @@ def detections_to_xyxy(msg: Detection2DArray, max_detections: int | None = None
              for k, det in enumerate(msg.detections)]
     labels = [detection_label(det) for det in msg.detections]
     return np.array(boxes, dtype=np.float64).reshape(-1, 4), labels
+
+
+def cdr_header_sequence_length(raw: bytes | memoryview) -> int | None:
+    """The length of the first sequence after a ``std_msgs/Header`` in a serialised message.
+
+    For a ``Detection2DArray`` that is the number of detections, read from the CDR bytes
+    without deserialising them: building 10,000 ``Detection2D`` objects holds the interpreter
+    for a tenth of a second, long enough for camera frames to be overwritten in their
+    keep-last reader. None when the bytes are too short or not CDR.
+
+    Layout (after the 4-byte encapsulation header): ``int32 sec, uint32 nanosec``, the
+    ``frame_id`` string (``uint32`` length including the NUL, then the bytes), padding to 4,
+    then the sequence's ``uint32`` length.
+    """
+    raw = bytes(raw[:4096]) if len(raw) > 4096 else bytes(raw)
+    if len(raw) < 16 or raw[0] != 0 or raw[1] not in (0, 1):
+        return None
+    order = '<' if raw[1] == 1 else '>'
+    (text_length,) = struct.unpack_from(order + 'I', raw, 4 + 8)
+    offset = 4 + (8 + 4 + text_length + 3) // 4 * 4
+    if offset + 4 > len(raw):
+        return None
+    return struct.unpack_from(order + 'I', raw, offset)[0]
 
 
 def boxes_to_detections(header: Header, box_ids: np.ndarray, boxes_xyxy: np.ndarray,

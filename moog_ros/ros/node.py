@@ -12,10 +12,12 @@ Lifecycle:
 - **deactivate**: destroy them (the model stays loaded).
 - **cleanup**: destroy the publishers, drop the model and free its GPU memory.
 
-Frames never queue: the image subscription is keep-last 1, its callback only parks the newest
-message (replacing, and counting, one still waiting) and wakes the inference callback, which
-runs in its own mutually exclusive callback group. A frame older than ``max_frame_age`` when
-inference would start is dropped and counted.
+Frames never queue: the image callback (a callback group of its own) only checks the header
+and parks the newest good message (replacing, and counting, one still waiting) and wakes the
+inference callback, which runs in its own mutually exclusive callback group. The reader keeps
+a few frames (``input_depth``) so that a stall of the executor does not overwrite good ones.
+A frame older than ``max_frame_age`` on arrival or when inference would start is dropped and
+counted.
 
 Hostile input: every callback survives every message (a message that cannot be used is counted
 by kind in ``/diagnostics`` and logged at most once per kind per 5 s, lines under 1 KB). An
@@ -51,6 +53,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_srvs.srv import Trigger
 import torch
@@ -119,6 +122,7 @@ class MoogNode(LifecycleNode):
         self._timer = None
         self._wake = None
         self._inference_group = MutuallyExclusiveCallbackGroup()
+        self._image_group = MutuallyExclusiveCallbackGroup()
         # Guards the runtime against cleanup while a frame is in flight.
         self._runtime_lock = threading.Lock()
         self._pending_lock = threading.Lock()
@@ -168,20 +172,25 @@ class MoogNode(LifecycleNode):
         config = self.config
         in_qos = qos_profile(config.input_reliability, config.input_depth)
         self._wake = self.create_guard_condition(self._on_wake, self._inference_group)
+        # Frames get a callback group of their own: under a flood of other messages (a
+        # 10,000-detection array takes a while to deserialise) they would otherwise wait in a
+        # keep-last-1 reader until a newer message overwrote them.
         if config.input_transport == 'compressed':
             self._subs.append(self.create_subscription(
                 CompressedImage, 'image/compressed', self._guard('image', self._on_image),
-                in_qos))
+                in_qos, callback_group=self._image_group))
         else:
             self._subs.append(self.create_subscription(
-                Image, 'image', self._guard('image', self._on_image), in_qos))
+                Image, 'image', self._guard('image', self._on_image), in_qos,
+                callback_group=self._image_group))
         self._subs += [
             self.create_subscription(CameraInfo, 'camera_info',
                                      self._guard('camera_info', self._on_camera_info),
                                      qos_profile(config.input_reliability, 1)),
+            # Serialised: the size limit is checked before anything is deserialised.
             self.create_subscription(Detection2DArray, 'detections_in',
-                                     self._guard('detections_in', self._on_detections),
-                                     _DETECTIONS_QOS),
+                                     self._guard('detections_in', self._on_detections_raw),
+                                     _DETECTIONS_QOS, raw=True),
             self.create_subscription(Detection2D, '~/add_box',
                                      self._guard('add_box', self._on_add_box), _COMMAND_QOS),
             self.create_subscription(PointStamped, '~/add_points',
@@ -340,7 +349,8 @@ class MoogNode(LifecycleNode):
             self._log(kind, f'dropping a frame: {err}')
             return
         stamp_ns = conv.stamp_to_ns(msg.header.stamp)
-        age_s = (self.get_clock().now().nanoseconds - stamp_ns) / 1e9
+        now_ns = self.get_clock().now().nanoseconds
+        age_s = (now_ns - stamp_ns) / 1e9
         if config.max_frame_age > 0 and age_s > config.max_frame_age:
             # Old on arrival: stale, not a stamp outlier (it must not count towards a
             # timeline change either). Frames that grow old while waiting are caught again
@@ -349,7 +359,7 @@ class MoogNode(LifecycleNode):
             self._log('stale_frame', f'dropping a frame {age_s:.3f} s old (max_frame_age '
                       f'{config.max_frame_age:g} s)')
             return
-        verdict = policy.check(encoding, width, height, stamp_ns)
+        verdict = policy.check(encoding, width, height, stamp_ns, now_ns)
         if not verdict.accept:
             self._drop(verdict.drop, f'dropping a frame: {verdict.detail} (the state is kept; '
                        f'{config.stream_change_frames} in a row switch the stream)')
@@ -372,6 +382,17 @@ class MoogNode(LifecycleNode):
                        f'use): {err}')
             return
         self._camera_info = msg
+
+    def _on_detections_raw(self, raw: bytes) -> None:
+        config = self.config
+        if config is None:
+            return
+        count = conv.cdr_header_sequence_length(raw)
+        if count is not None and count > config.max_detections:
+            self._drop('detections_over_limit', f'ignoring detections_in: {count} detections '
+                       f'is over the limit of {config.max_detections} (max_detections)')
+            return
+        self._on_detections(deserialize_message(raw, Detection2DArray))
 
     def _on_detections(self, msg: Detection2DArray) -> None:
         runtime, config = self.runtime, self.config
@@ -584,6 +605,11 @@ def main(args: list[str] | None = None) -> None:
         ok = False
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # SIGINT/SIGTERM shut the context down under a spinning executor, which may then
+        # raise RCLError instead of ExternalShutdownException: a clean stop, not a failure.
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             node.destroy_node()

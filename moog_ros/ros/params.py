@@ -87,8 +87,10 @@ class NodeConfig:
         'best_effort', 'Reliability of the image and camera_info subscriptions (best_effort '
         'accepts both reliable and best-effort cameras).', read_only=True, choices=RELIABILITIES)
     input_depth: int = _param(
-        1, 'Keep-last depth of the image subscription (1: never queue stale frames).',
-        read_only=True, range=(1, 100))
+        5, 'Keep-last depth of the image subscription. Frames never queue for inference (the '
+        'image callback only checks headers and keeps the newest good frame), so a few let '
+        'good frames survive a stall of the executor (a flood of other messages) instead of '
+        'being overwritten in the reader.', read_only=True, range=(1, 100))
     output_reliability: str = _param(
         'reliable', 'Reliability of every output (reliable reaches RViz defaults and '
         'best-effort subscribers).', read_only=True, choices=RELIABILITIES)
@@ -120,8 +122,9 @@ class NodeConfig:
         range=(0, 65535))
     stream_change_frames: int = _param(
         3, 'Consecutive frames of a new encoding or size (where not pinned), or of a stamp '
-        'jump (backwards, or more than reset_gap ahead), that make the change stick and reset '
-        'the state; fewer are dropped as strays. 1: every change resets at once.',
+        'jump (backwards, or more than max(reset_gap, 1 s) ahead of the last stamp and the '
+        'clock), that make the change stick and reset the state; fewer are dropped as strays. '
+        '1: every change resets at once.',
         range=(1, 1000))
 
     # Limits on what one message may ask for (over a limit: dropped, counted, logged).
