@@ -13,9 +13,14 @@ front of the runtime and decides per frame, from the header alone:
   ``max(reset_gap, 1 s)`` ahead of both the last stamp and the receiver's clock, is an
   *outlier*: dropped and counted (a forward gap up to the clock is a pause: accepted, and the
   runtime resets on it as before);
-- only a **sustained** change -- ``change_frames`` consecutive frames that agree with each other
-  (same new identity; stamps not going backwards among them) -- is accepted, with a reset reason
-  for the runtime. ``change_frames = 1`` is the old behaviour (every change resets at once).
+- only a **sustained** change is accepted, with a reset reason for the runtime: at least
+  ``change_frames`` consecutive frames that agree with each other (same new identity; stamps not
+  going backwards among them), arriving while the stream has been silent for at least
+  ``change_frames`` of its frame periods (an average of the intervals between its accepted
+  frames, at most 1 s). ``change_frames = 1`` is the old behaviour (every change resets at once).
+  The silence requirement is what keeps a lossy link honest: when a few of the camera's frames
+  are lost (a best-effort reader overwritten during a stall), three strays that happen to be
+  adjacent are still not a new stream, because the camera was heard from moments ago.
 
 "Consecutive" is strict: any other frame in between -- a frame of the stream, or of a third
 identity -- starts the count again, so a stray publisher between the camera's frames never
@@ -25,12 +30,15 @@ waiting for inference.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 import threading
+import time
 
 # Kinds of policy drops (the node counts and logs them by these names).
 FOREIGN = 'foreign_frame'
 OUTLIER = 'time_outlier'
+_MAX_PERIOD_S = 1.0  # a frame period counts at most this much towards the silence a switch needs
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,10 @@ class InputPolicy:
     Thread-safe; ``check`` is cheap (no pixels).
     """
 
-    def __init__(self, config: InputPolicyConfig) -> None:
+    def __init__(self, config: InputPolicyConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
+        self._clock = clock  # arrival time, monotonic seconds (injectable for tests)
         self.configure(config)
 
     def configure(self, config: InputPolicyConfig) -> None:
@@ -96,6 +106,8 @@ class InputPolicy:
                 return
             self._identity: tuple[str, int, int] | None = None
             self._last_ns: int | None = None
+            self._last_arrival: float | None = None  # of the last accepted frame
+            self._period_s = 0.0  # average interval between accepted frames (0: unknown)
             # (identity, last stamp, count) of a change that is not sustained yet.
             self._candidate: tuple[tuple[str, int, int], int, int] | None = None
 
@@ -143,15 +155,16 @@ class InputPolicy:
         """
         identity = (str(encoding), int(width), int(height))
         stamp_ns = int(stamp_ns)
+        arrival = self._clock()
         with self._lock:
             pinned = self._pinned_mismatch(identity)
             if pinned:  # parameters pin the stream: never switch to another
                 return Verdict(False, drop=FOREIGN, detail=f'not the configured stream: {pinned}')
             if self._identity is None:  # the first frame defines the stream
-                self._identity, self._last_ns, self._candidate = identity, stamp_ns, None
+                self._accept(identity, stamp_ns, arrival)
                 return _ACCEPT
             if identity == self._identity and self._follows(self._last_ns, stamp_ns, now_ns):
-                self._last_ns, self._candidate = stamp_ns, None
+                self._accept(identity, stamp_ns, arrival)
                 return _ACCEPT
             # A change: of identity, or of timeline. It sticks after change_frames frames in a
             # row that agree with each other.
@@ -173,9 +186,21 @@ class InputPolicy:
                 jump = (stamp_ns - self._last_ns) / 1e9
                 detail = (f'stamp {jump:+.3f} s from the last accepted frame' if jump < 0
                           else f'stamp {(stamp_ns - now_ns) / 1e9:.3f} s ahead of the clock')
-            if count >= self.config.change_frames:
-                reason = f'{detail}, for {count} consecutive frames: the stream changed'
-                self._identity, self._last_ns, self._candidate = identity, stamp_ns, None
+            silence = arrival - self._last_arrival
+            if (count >= self.config.change_frames
+                    and silence >= self.config.change_frames * self._period_s):
+                reason = (f'{detail}, for {count} consecutive frames over {silence:.2f} s: the '
+                          'stream changed')
+                self._accept(identity, stamp_ns, arrival)
+                self._period_s = 0.0  # the new stream's rate is not known yet
                 return Verdict(True, reset=reason)
             self._candidate = (identity, stamp_ns, count)
             return Verdict(False, drop=kind, detail=detail)
+
+    def _accept(self, identity: tuple[str, int, int], stamp_ns: int, arrival: float) -> None:
+        if self._last_arrival is not None and self._identity == identity:
+            interval = min(_MAX_PERIOD_S, max(0.0, arrival - self._last_arrival))
+            self._period_s = (interval if self._period_s == 0.0
+                              else 0.9 * self._period_s + 0.1 * interval)
+        self._identity, self._last_ns, self._candidate = identity, stamp_ns, None
+        self._last_arrival = arrival

@@ -407,17 +407,30 @@ def test_boxes_from_a_detector_keep_their_ids(live):
                                  for d in out['detections'].detections)
 
 
-def _sustained(harness, node, frames: int, make_header, publish) -> Header:
-    """Sends ``frames`` frames; all but the last are dropped as strays (stream_change_frames
-    is ``frames``); returns the header of the last, which is processed."""
+def _sustained(harness, node, make_header, publish) -> Header:
+    """Sends frames of a new stream every 30 ms until the node takes one; returns its header.
+
+    A change of stream must be sustained: the first ``stream_change_frames - 1`` frames (and
+    any sent while the old stream was heard from too recently) are dropped as strays.
+    """
+    change = node.config.stream_change_frames
     policy = node.monitor.counts()['policy']
-    for k in range(frames):
-        header = make_header(k)
+    sent: list[Header] = []
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        header = make_header(len(sent))
         publish(header)
-        if k < frames - 1:
-            _wait_until(lambda k=k: node.monitor.counts()['policy'] == policy + k + 1)
-    harness.frame_outputs(header)
-    return header
+        sent.append(header)
+        time.sleep(0.03)
+        with harness.cond:
+            stamps = [_stamp(m) for m in harness.messages['tracks']]
+        taken = [k for k, h in enumerate(sent) if h.stamp in stamps]
+        if taken:
+            break
+        assert time.monotonic() < deadline, 'the node never switched to the new stream'
+    assert taken[0] >= change - 1, (taken, change)
+    assert node.monitor.counts()['policy'] >= policy + change - 1
+    return sent[taken[0]]
 
 
 def test_state_resets_on_sustained_backwards_stamp_and_on_request(live):
@@ -430,7 +443,7 @@ def test_state_resets_on_sustained_backwards_stamp_and_on_request(live):
     late = harness.header()
     base = late.stamp.sec * 10**9 + late.stamp.nanosec - 500_000_000
     # A bag loop: the stamps go back and stay on the new timeline; the third frame resets.
-    header = _sustained(harness, node, change, lambda k: harness.header(base + k * 33_000_000),
+    header = _sustained(harness, node, lambda k: harness.header(base + k * 33_000_000),
                         lambda header: harness.send_raw(_frame(41), header=header, wait=False))
     after = set(_ids(harness.frame_outputs(header)['tracks']))
     assert after and not after & before
@@ -447,9 +460,9 @@ def test_state_resets_on_sustained_backwards_stamp_and_on_request(live):
         bgr.encoding = 'bgr8'
         harness.image.publish(bgr)
 
-    _sustained(harness, node, change, lambda k: harness.header(), bgr_frame)
+    _sustained(harness, node, lambda k: harness.header(), bgr_frame)
     assert node.monitor.counts()['resets'] == resets + 3
-    _sustained(harness, node, change, lambda k: harness.header(),
+    _sustained(harness, node, lambda k: harness.header(),
                lambda header: harness.send_raw(_frame(44), header=header, wait=False))
     assert node.monitor.counts()['resets'] == resets + 4  # and back to rgb8
 
@@ -530,9 +543,8 @@ def test_bad_input_is_dropped_and_the_node_keeps_serving(live):
     assert info.k[0] == pytest.approx(50 * 32 / 48)
     # A sustained resolution change mid-stream resets the state and carries on at the new size.
     resets = node.monitor.counts()['resets']
-    header = _sustained(harness, node, node.config.stream_change_frames,
-                        lambda k: harness.header(), lambda header: harness.send_raw(
-                            _frame(62, 40, 40), header=header, with_info=False, wait=False))
+    header = _sustained(harness, node, lambda k: harness.header(), lambda header: harness.send_raw(
+        _frame(62, 40, 40), header=header, with_info=False, wait=False))
     out = harness.frame_outputs(header)
     assert node.monitor.counts()['resets'] == resets + 1
     overlay = harness.wait_for('overlay', lambda m: m.header.stamp == header.stamp)
@@ -541,7 +553,7 @@ def test_bad_input_is_dropped_and_the_node_keeps_serving(live):
     assert not any(m.header.stamp == header.stamp for m in harness.messages['depth/camera_info'])
     points = np.frombuffer(bytes(out['tracks'].data), conv.TRACK_POINT_DTYPE)
     assert np.isnan(points['z']).all()
-    _sustained(harness, node, node.config.stream_change_frames, lambda k: harness.header(),
+    _sustained(harness, node, lambda k: harness.header(),
                lambda header: harness.send_raw(_frame(63), header=header, wait=False))
     harness.send_raw(_frame(63))  # back to 64x48 with its CameraInfo
 
