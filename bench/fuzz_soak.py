@@ -350,7 +350,11 @@ class RssSampler(threading.Thread):
 
 
 def log_kind(text: str) -> str:
-    """A log line's kind: its text with numbers, quotes and lists blanked, first 6 words."""
+    """A log line's kind: the node's ``[kind]`` prefix, else its text with numbers, quotes and
+    lists blanked, first 6 words."""
+    match = re.match(r'\[([^\]]+)\] ', text)
+    if match:
+        return match.group(1)
     text = re.sub(r"'[^']*'|\[[^\]]*\]|\([^)]*\)", '_', text)
     text = re.sub(r'[-+]?\d[\d.e+-]*', '#', text)
     return ' '.join(text.split()[:6])

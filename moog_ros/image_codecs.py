@@ -14,6 +14,7 @@ message type, the encoding or format, the size and the step.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import tempfile
@@ -431,6 +432,7 @@ def _quiet_codecs(notes: list[str]):
     with _QUIET_LOCK:
         if _capture_file is None:
             _capture_file = tempfile.TemporaryFile()  # noqa: SIM115 (lives for the process)
+            atexit.register(_capture_file.close)
         capture = _capture_file
         previous_level = _CV_LOG.getLogLevel()
         _CV_LOG.setLogLevel(_CV_LOG.LOG_LEVEL_SILENT)

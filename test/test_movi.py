@@ -280,7 +280,7 @@ def test_split_selection_and_bad_folders(tmp_path):
         movi.MoviSource(empty)
 
 
-def test_missing_field_names_record_and_key(tmp_path):
+def test_missing_field_names_record_and_key(tmp_path, capfd):
     features = movi_features(build_scene())
     del features['camera/positions']
     path = tmp_path / 'bad.tfrecord'
@@ -294,5 +294,9 @@ def test_missing_field_names_record_and_key(tmp_path):
     (length,) = struct.unpack('<Q', data[:8])
     data[12 + length // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(movi.MoviFormatError, match='checksum mismatch'):
+    # Its only record is skipped with a line naming it; with nothing left, the source fails.
+    with pytest.raises(movi.MoviFormatError, match='no record is readable'):
         movi.MoviSource(path)
+    err = capfd.readouterr().err
+    assert 'skipping MOVi record' in err and 'bad.tfrecord (record at byte 0)' in err
+    assert 'checksum mismatch' in err

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moog_ros import image_codecs
+from moog_ros.training.data import report_skip
 
 __all__ = [
     'CAMERA_INFO_TYPE',
@@ -616,12 +617,20 @@ class BagSource:
         self._pid = os.getpid()
         tolerance_ns = round(depth_tolerance_s * 1e9)
         for path in self.paths:
-            reader = _open_bag(path)
+            try:
+                reader = _open_bag(path)
+            except BagError as err:
+                if len(self.paths) == 1:
+                    raise
+                report_skip(f'bag {path}: {err}')  # one corrupt bag of several is left out
+                continue
             try:
                 self.bags.append(self._index_bag(path, reader, topic, depth_topic,
                                                  camera_info_topic, tolerance_ns, progress))
             finally:
                 reader.close()
+        if not self.bags:
+            raise BagError(f'{self.name}: no bag is readable (see the skipped files above)')
         counts = [len(b.colour.stamp_ns) // self.window_frames for b in self.bags]
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         for bag, n in zip(self.bags, counts):

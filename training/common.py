@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -493,6 +495,9 @@ def save_training_checkpoint(dest: str | Path, *, write_model: Callable[[Path], 
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # Staging folders of a writer killed earlier (kill -9, power loss) are never finished.
+    for stale in dest.parent.glob(f'.{dest.name}.tmp-*'):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{dest.name}.tmp-', dir=dest.parent))
     try:
         fresh = staging / 'checkpoint'
@@ -504,20 +509,71 @@ def save_training_checkpoint(dest: str | Path, *, write_model: Callable[[Path], 
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        # A directory cannot be renamed over a non-empty one: move the old one aside first.
-        # If we die between the two renames, find_checkpoint() recovers the aside copy.
-        aside = None
-        if dest.exists():
-            aside = dest.parent / f'.{dest.name}.old-{os.getpid()}'
-            if aside.exists():
-                shutil.rmtree(aside)
-            os.replace(dest, aside)
-        os.replace(fresh, dest)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        _fsync_tree(fresh)
+        if dest.exists() and _exchange_dirs(fresh, dest):
+            # One atomic step: dest is the new checkpoint, fresh the old one (removed below).
+            # A kill at any moment leaves dest complete, old or new.
+            pass
+        else:
+            # No atomic exchange here (not Linux, or a filesystem without it): a directory
+            # cannot be renamed over a non-empty one, so the old one moves aside first; if we
+            # die between the two renames, find_checkpoint() recovers the aside copy.
+            aside = None
+            if dest.exists():
+                aside = dest.parent / f'.{dest.name}.old-{os.getpid()}'
+                if aside.exists():
+                    shutil.rmtree(aside)
+                os.replace(dest, aside)
+            os.replace(fresh, dest)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+        _fsync_dir(dest.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange_dirs(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or filesystem cannot (the caller then falls back to two renames)."""
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28 or another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(error, f'renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(error)}')
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes the renames in ``path`` durable (a crash of the machine, not only the process)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file of a freshly written checkpoint and the folder itself."""
+    for child in path.iterdir():
+        if child.is_file():
+            with contextlib.suppress(OSError), child.open('rb') as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(path)
 
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:

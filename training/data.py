@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import inspect
 import os
 from pathlib import Path
+import sys
 from typing import Any, Protocol, runtime_checkable
 import zipfile
 import zlib
@@ -36,13 +37,65 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from moog_ros import clips
+from moog_ros import clips, image_codecs
 from moog_ros.imaging import FrameGeometry
 
 # Keys whose first axis is time [T, ...] and that are sliced/warped per frame.
 _FRAME_KEYS = ('video', 'depth', 'segmentation', 'camera_pose', 'stamps_ns')
 # Keys with time on the second axis [N or K, T, ...].
 _TRACK_KEYS = ('tracks_xy', 'tracks_visible', 'boxes_xyxy', 'boxes_valid')
+
+# ------------------------------------------------------------------------------------------------
+# Corrupt data: one clear line naming it, never a crash mid-run.
+# ------------------------------------------------------------------------------------------------
+
+_SKIPPED: set[str] = set()  # what this process has already said it skips
+_FALLBACK_STRIDE = 7919  # a prime: the next window tried lies far away (outside a bad clip)
+_FALLBACK_TRIES = 16
+
+
+def data_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning "this file of the data set is unreadable" (corrupt, truncated).
+
+    Clip, image-codec and archive errors always; the bag and MOVi errors once their modules
+    are loaded (they are imported lazily, and cannot raise before).
+    """
+    errors: list[type[BaseException]] = [clips.ClipFormatError, image_codecs.ImageDecodeError,
+                                          OSError, EOFError, zipfile.BadZipFile, zlib.error]
+    for module, name in (('moog_ros.training.movi', 'MoviFormatError'),
+                         ('moog_ros.training.bags', 'BagError')):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+def report_skip(what: str) -> None:
+    """Says once per process (on stderr) that ``what`` is skipped."""
+    if what in _SKIPPED:
+        return
+    _SKIPPED.add(what)
+    print(f'[data] skipping {what}', file=sys.stderr, flush=True)
+
+
+def read_window(source: WindowSource, index: int, num_frames: int,
+                frame_step: int) -> tuple[int, dict[str, np.ndarray]]:
+    """``(index read, window)``: window ``index``, or, if its file is corrupt, the first
+    readable of a fixed sequence of others (``index + k * 7919`` mod the length), so a sample
+    stays a pure function of its slot and the data.
+
+    Raises:
+        RuntimeError: 16 windows in a row unreadable (the data set is broken, not one file).
+    """
+    errors = data_errors()
+    for k in range(_FALLBACK_TRIES):
+        candidate = (index + k * _FALLBACK_STRIDE) % len(source)
+        try:
+            return candidate, source.window(candidate, num_frames, frame_step)
+        except errors as err:
+            report_skip(f'{source.name}: {type(err).__name__}: {err}')
+            errors = data_errors()  # reading may have imported a source module
+    raise RuntimeError(f'{source.name}: {_FALLBACK_TRIES} windows in a row from window {index} '
+                       'are unreadable (see the skipped files above)')
 
 
 @runtime_checkable
@@ -137,9 +190,21 @@ class ClipDirSource:
         self.window_stride = window_stride
         self.labels = labels
         self.cache_size = cache_size
-        self.clip_lengths = [_npz_shape(path, 'video')[0] for path in self.files]   # T per clip
+        # A clip whose header cannot be read (truncated, not a zip) is left out with one line.
+        lengths, readable = [], []
+        for path in self.files:
+            try:
+                lengths.append(_npz_shape(path, 'video')[0])   # T per clip
+                readable.append(path)
+            except clips.ClipFormatError as err:
+                report_skip(f'clip {path}: {err}')
+        if not readable:
+            raise clips.ClipFormatError(f'{self.name}: none of the {len(self.files)} clips is '
+                                        'readable (see the skipped files above)')
+        self.files, self.clip_lengths = readable, lengths
         self._offsets: dict[tuple[int, int], list[int]] = {}
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._bad: dict[int, str] = {}  # clips found corrupt on reading (index -> why)
 
     def _cumulative(self, num_frames: int, frame_step: int) -> list[int]:
         """Window count before each clip (and the total at the end) for one geometry."""
@@ -157,8 +222,19 @@ class ClipDirSource:
         if clip_index in self._cache:
             self._cache.move_to_end(clip_index)
             return self._cache[clip_index]
+        if clip_index in self._bad:  # known bad: fail fast, without reading it again
+            raise clips.ClipFormatError(self._bad[clip_index])
         path = self.files[clip_index]
-        arrays = clips.load_clip(path).to_arrays() if self.labels else _load_video_only(path)
+        try:
+            arrays = (clips.load_clip(path).to_arrays() if self.labels
+                      else _load_video_only(path))
+        except (clips.ClipFormatError, OSError, EOFError, zipfile.BadZipFile,
+                zlib.error) as err:
+            # A corrupt member (bad CRC, truncated data) only shows when it is read.
+            why = str(err) if isinstance(err, clips.ClipFormatError) else (
+                f'clip file {path} is not a valid npz: {type(err).__name__}: {err}')
+            self._bad[clip_index] = why
+            raise clips.ClipFormatError(why) from err
         self._cache[clip_index] = arrays
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -571,8 +647,8 @@ class TrainWindows(Dataset):
         return int(self._permutations[epoch][position])
 
     def __getitem__(self, slot: int) -> dict[str, torch.Tensor]:
-        index = self.window_index(slot)
-        window = self.source.window(index, self.num_frames, self.frame_step)
+        index, window = read_window(self.source, self.window_index(slot), self.num_frames,
+                                    self.frame_step)
         rng = np.random.default_rng([self.seed, 0xC409, slot])
         src_hw = window['video'].shape[1:3]
         crop = sample_crop_xywh(rng, src_hw, self.image_size, self.crop_scale)
@@ -605,8 +681,8 @@ class EvalWindows(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        index = int(self.indices[i])
-        window = self.source.window(index, self.num_frames, self.frame_step)
+        index, window = read_window(self.source, int(self.indices[i]), self.num_frames,
+                                    self.frame_step)
         crop = centre_crop_xywh(window['video'].shape[1:3], self.image_size)
         sample = window_to_tensors(crop_resize_flip(window, crop, self.image_size, flip=False))
         sample['window_index'] = torch.tensor(index)

@@ -46,6 +46,7 @@ import cv2
 import numpy as np
 
 from moog_ros import clips
+from moog_ros.training.data import report_skip
 
 __all__ = [
     'MOVI_FPS',
@@ -729,11 +730,24 @@ class MoviSource:
         self.seed = int(seed)
         self.records: list[tuple[int, int, int]] = []  # (shard, data offset, length)
         for shard_index, shard in enumerate(self.shards):
-            self.records += [(shard_index, o, n) for o, n in _record_offsets(shard)]
+            try:
+                offsets = _record_offsets(shard)
+            except (MoviFormatError, OSError) as err:  # corrupt framing: nothing after it holds
+                report_skip(f'MOVi shard {shard}: {err}')
+                continue
+            self.records += [(shard_index, o, n) for o, n in offsets]
         if not self.records:
-            raise MoviFormatError(f'{self.name}: the shards hold no record')
-        # MOVi videos share one length; read it from the first record for the window grid.
-        self.video_frames = _meta(parse_example(self._record(0), self._where(0))).num_frames
+            raise MoviFormatError(f'{self.name}: the shards hold no readable record')
+        # MOVi videos share one length; read it from the first readable record for the grid.
+        for video in range(len(self.records)):
+            try:
+                self.video_frames = _meta(parse_example(self._record(video),
+                                                        self._where(video))).num_frames
+                break
+            except MoviFormatError as err:
+                report_skip(f'MOVi record {self._where(video)}: {err}')
+        else:
+            raise MoviFormatError(f'{self.name}: no record is readable')
         if window_frames is not None and window_frames < 1:
             raise ValueError(f'window_frames must be >= 1, got {window_frames}')
         self.window_frames = self.video_frames if window_frames is None else int(window_frames)

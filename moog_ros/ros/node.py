@@ -131,7 +131,9 @@ class MoogNode(LifecycleNode):
         self._active = False
         self._camera_info: CameraInfo | None = None
         self._policy: InputPolicy | None = None
-        self._limiter = LogLimiter(_LOG_EVERY_S)
+        # The margin keeps two lines of a kind more than 5 s apart by their log stamps too
+        # (stamped a little after the limiter decides).
+        self._limiter = LogLimiter(_LOG_EVERY_S + 0.1)
         self._builder: conv.FrameMessageBuilder | None = None
         self._state_start_ns: int | None = None
         self._last_result: FrameResult | None = None
@@ -289,6 +291,7 @@ class MoogNode(LifecycleNode):
         line = self._limiter(kind, text)
         if line is None:
             return
+        line = f'[{kind}] {line}'  # greppable by kind, as /diagnostics counts them
         # One call site per severity: rclpy refuses a call site whose severity changes.
         logger = self.get_logger()
         if level == 'info':
