@@ -71,6 +71,24 @@ class LogLimiter:
                   if held and last is not None else '')
         return clip_text(text, self.max_chars - len(suffix)) + suffix
 
+    def emit(self, kind: str, text: str, write: Callable[[str], None]) -> bool:
+        """Like calling the limiter, but writes the line itself (``write(line)``) and starts
+        the period when the write returns: a line delayed between the decision and its
+        timestamp (a busy interpreter) still ends up ``period_s`` after the previous one.
+        Returns whether a line was written."""
+        with self._lock:
+            now = self._clock()
+            last = self._last.get(kind)
+            if last is not None and now - last < self.period_s:
+                self._held[kind] = self._held.get(kind, 0) + 1
+                return False
+            held = self._held.pop(kind, 0)
+            suffix = (f' (+{held} more like this in the last {now - last:.0f} s)'
+                      if held and last is not None else '')
+            write(clip_text(text, self.max_chars - len(suffix)) + suffix)
+            self._last[kind] = self._clock()
+            return True
+
     def held(self) -> dict[str, int]:
         """Lines held back per kind since each kind's last line (a copy)."""
         with self._lock:

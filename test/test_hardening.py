@@ -271,6 +271,20 @@ def test_log_limiter_one_line_per_kind_per_period_and_short_lines():
     long = limiter('huge', 'ids ' + str(list(range(10000))))
     assert len(long) <= 900 and 'more characters' in long
     assert clip_text('short') == 'short'
+    # emit() starts the period when the line is out, so a slow write cannot bring two lines of
+    # a kind closer than the period.
+    written, delays = [], [2.0, 0.0]
+
+    def slow_write(line):  # the first line takes 2 s to come out
+        clock.t += delays[len(written)]
+        written.append((clock.t, line))
+    start = clock.t
+    assert limiter.emit('slow', 'first', slow_write)
+    clock.t = start + 5.1  # 5.1 s after the first decision, only 3.1 s after its line
+    assert not limiter.emit('slow', 'second', slow_write)
+    clock.t += 2.0
+    assert limiter.emit('slow', 'third', slow_write)
+    assert written[1][0] - written[0][0] >= 5.0 and '+1 more' in written[1][1]
 
 
 def test_detection_count_is_read_without_deserialising():

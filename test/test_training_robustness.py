@@ -58,6 +58,42 @@ def test_corrupt_and_truncated_clips_are_skipped_with_one_line_each(tmp_path, ca
         torch.testing.assert_close(again[slot]['video'], train[slot]['video'])
 
 
+def test_a_corrupt_bag_among_several_is_skipped_with_one_line(tmp_path, capfd):
+    from test_bags import frames, image_msg, write_bag
+
+    from moog_ros.training import bags
+    rgb = frames(6)
+    good = write_bag(tmp_path / 'good', 'mcap', [
+        ('/cam/image_raw', i, image_msg(i * 10**8, rgb[i], 'rgb8')) for i in range(6)])
+    bad = write_bag(tmp_path / 'bad', 'sqlite3', [
+        ('/cam/image_raw', i, image_msg(i * 10**8, rgb[i], 'rgb8')) for i in range(3)])
+    db = next(bad.glob('*.db3'))
+    db.write_bytes(db.read_bytes()[:5000])  # cut short: cannot be salvaged
+    source = bags.BagSource([bad, good], window_frames=3, progress=False)
+    assert len(source) == 2
+    np.testing.assert_array_equal(source.window(1, 3)['video'], rgb[3:6])
+    lines = [x for x in capfd.readouterr().err.splitlines() if x.startswith('[data] skipping')]
+    assert len(lines) == 1 and str(bad) in lines[0]
+    source.close()
+
+
+def test_a_movi_shard_with_corrupt_framing_is_skipped(tmp_path, capfd):
+    from fixtures_movi import build_scene, movi_features
+
+    from moog_ros.training import movi
+    record = movi.encode_example(movi_features(build_scene()))
+    good, bad = tmp_path / 'movi-train.tfrecord-00000', tmp_path / 'movi-train.tfrecord-00001'
+    movi.write_tfrecord(good, [record])
+    movi.write_tfrecord(bad, [record, record])
+    raw = bytearray(bad.read_bytes())
+    raw[9] ^= 0xFF  # the length checksum of the first record: the framing cannot be trusted
+    bad.write_bytes(bytes(raw))
+    source = movi.MoviSource(tmp_path, num_tracks=0)
+    assert source.num_videos == 1 and source.window(0, 2, 1)['video'].shape[0] == 2
+    lines = [x for x in capfd.readouterr().err.splitlines() if x.startswith('[data] skipping')]
+    assert len(lines) == 1 and str(bad) in lines[0] and 'checksum' in lines[0]
+
+
 def test_a_data_set_with_no_readable_clip_still_fails_clearly(tmp_path):
     (tmp_path / 'a.npz').write_bytes(b'not a zip')
     with pytest.raises(clips.ClipFormatError, match='none of the 1 clips'):

@@ -619,16 +619,15 @@ class BagSource:
         for path in self.paths:
             try:
                 reader = _open_bag(path)
+                try:
+                    self.bags.append(self._index_bag(path, reader, topic, depth_topic,
+                                                     camera_info_topic, tolerance_ns, progress))
+                finally:
+                    reader.close()
             except BagError as err:
                 if len(self.paths) == 1:
                     raise
                 report_skip(f'bag {path}: {err}')  # one corrupt bag of several is left out
-                continue
-            try:
-                self.bags.append(self._index_bag(path, reader, topic, depth_topic,
-                                                 camera_info_topic, tolerance_ns, progress))
-            finally:
-                reader.close()
         if not self.bags:
             raise BagError(f'{self.name}: no bag is readable (see the skipped files above)')
         counts = [len(b.colour.stamp_ns) // self.window_frames for b in self.bags]

@@ -131,9 +131,7 @@ class MoogNode(LifecycleNode):
         self._active = False
         self._camera_info: CameraInfo | None = None
         self._policy: InputPolicy | None = None
-        # The margin keeps two lines of a kind more than 5 s apart by their log stamps too
-        # (stamped a little after the limiter decides).
-        self._limiter = LogLimiter(_LOG_EVERY_S + 0.1)
+        self._limiter = LogLimiter(_LOG_EVERY_S)
         self._builder: conv.FrameMessageBuilder | None = None
         self._state_start_ns: int | None = None
         self._last_result: FrameResult | None = None
@@ -288,18 +286,15 @@ class MoogNode(LifecycleNode):
 
     def _log(self, kind: str, text: str, level: str = 'warning') -> None:
         """One line per ``kind`` per 5 s at most, never over 1 KB (see ``LogLimiter``)."""
-        line = self._limiter(kind, text)
-        if line is None:
-            return
-        line = f'[{kind}] {line}'  # greppable by kind, as /diagnostics counts them
-        # One call site per severity: rclpy refuses a call site whose severity changes.
+        # Lines start with their kind (greppable, as /diagnostics counts them). One call site
+        # per severity: rclpy refuses a call site whose severity changes.
         logger = self.get_logger()
         if level == 'info':
-            logger.info(line)
+            self._limiter.emit(kind, text, lambda line: logger.info(f'[{kind}] {line}'))
         elif level == 'error':
-            logger.error(line)
+            self._limiter.emit(kind, text, lambda line: logger.error(f'[{kind}] {line}'))
         else:
-            logger.warning(line)
+            self._limiter.emit(kind, text, lambda line: logger.warning(f'[{kind}] {line}'))
 
     def _drop(self, kind: str, text: str) -> None:
         """A message refused by the input policy or a limit: counted by kind and logged."""
@@ -365,7 +360,8 @@ class MoogNode(LifecycleNode):
         verdict = policy.check(encoding, width, height, stamp_ns, now_ns)
         if not verdict.accept:
             self._drop(verdict.drop, f'dropping a frame: {verdict.detail} (the state is kept; '
-                       f'{config.stream_change_frames} in a row switch the stream)')
+                       f'only {config.stream_change_frames} such frames in a row, with the '
+                       'stream silent, switch it)')
             return
         with self._pending_lock:
             reset = verdict.reset
@@ -498,6 +494,8 @@ class MoogNode(LifecycleNode):
     def _process(self, msg: Image | CompressedImage, received_s: float,
                  reset_reason: str | None) -> None:
         config, runtime = self.config, self.runtime
+        if reset_reason is not None:  # a sustained change of stream (the policy said so)
+            runtime.reset(reset_reason)  # even if this very frame is dropped below
         stamp_ns = conv.stamp_to_ns(msg.header.stamp)
         if config.max_frame_age > 0:
             age_s = (self.get_clock().now().nanoseconds - stamp_ns) / 1e9
@@ -516,8 +514,6 @@ class MoogNode(LifecycleNode):
             self.monitor.invalid(clip_text(str(err), 200), 'undecodable_frame')
             self._log('undecodable_frame', f'dropping a frame: {err}')
             return
-        if reset_reason is not None:  # a sustained change of stream (the policy said so)
-            runtime.reset(reset_reason)
         converted = time.perf_counter()
         result = runtime.process(rgb, stamp_ns)
         processed = time.perf_counter()
