@@ -128,6 +128,9 @@ class MoogNode(LifecycleNode):
         self._pending_lock = threading.Lock()
         # (message, received monotonic s, reset reason of a sustained stream change or None)
         self._pending: tuple[Image | CompressedImage, float, str | None] | None = None
+        # The frame the pending one replaced: used if the pending one turns out undecodable (a
+        # JPEG whose header is fine but whose body is garbage must not cost the good frame).
+        self._replaced: tuple[Image | CompressedImage, float, str | None] | None = None
         self._active = False
         self._camera_info: CameraInfo | None = None
         self._policy: InputPolicy | None = None
@@ -244,7 +247,7 @@ class MoogNode(LifecycleNode):
             self.destroy_guard_condition(self._wake)
             self._wake = None
         with self._pending_lock:
-            self._pending = None
+            self._pending = self._replaced = None
 
     def _release(self) -> None:
         for pub in self._pubs.values():
@@ -368,6 +371,7 @@ class MoogNode(LifecycleNode):
             if self._pending is not None:
                 monitor.replaced()
                 reset = reset or self._pending[2]  # a stream change must not be lost
+                self._replaced = self._pending
             self._pending = (msg, now, reset)
         wake = self._wake
         if wake is not None and self._active:  # not while deactivation tears it down
@@ -478,13 +482,15 @@ class MoogNode(LifecycleNode):
         while self._active:
             with self._pending_lock:
                 item, self._pending = self._pending, None
+                fallback, self._replaced = self._replaced, None
             if item is None:
                 return
             with self._runtime_lock:
                 if self.runtime is None:
                     return
                 try:
-                    self._process(*item)
+                    if not self._process(*item) and fallback is not None:
+                        self._process(*fallback)
                 except Exception as err:  # one bad frame must not stop the node
                     self.monitor.error(clip_text(f'{type(err).__name__}: {err}', 200))
                     self._log('frame_failed', f'frame failed: {type(err).__name__}: {err}',
@@ -492,7 +498,8 @@ class MoogNode(LifecycleNode):
                     self.runtime.reset(f'recovering from {type(err).__name__}')
 
     def _process(self, msg: Image | CompressedImage, received_s: float,
-                 reset_reason: str | None) -> None:
+                 reset_reason: str | None) -> bool:
+        """Runs one frame; False if it could not be decoded (the caller may try another)."""
         config, runtime = self.config, self.runtime
         if reset_reason is not None:  # a sustained change of stream (the policy said so)
             runtime.reset(reset_reason)  # even if this very frame is dropped below
@@ -503,7 +510,7 @@ class MoogNode(LifecycleNode):
                 self.monitor.stale()
                 self._log('stale_frame', f'dropping a frame {age_s:.3f} s old (max_frame_age '
                           f'{config.max_frame_age:g} s)')
-                return
+                return True  # an older fallback would be staler still
         start = time.perf_counter()
         try:
             if isinstance(msg, CompressedImage):
@@ -513,7 +520,7 @@ class MoogNode(LifecycleNode):
         except conv.ConversionError as err:
             self.monitor.invalid(clip_text(str(err), 200), 'undecodable_frame')
             self._log('undecodable_frame', f'dropping a frame: {err}')
-            return
+            return False
         converted = time.perf_counter()
         result = runtime.process(rgb, stamp_ns)
         processed = time.perf_counter()
@@ -532,6 +539,7 @@ class MoogNode(LifecycleNode):
             step_ms=result.step_ms, publish_ms=(done - processed) * 1e3, latency_ms=latency_ms))
         self._last_result = result
         self.monitor.processed(time.monotonic(), result.step_ms, latency_ms)
+        return True
 
     # --------------------------------------------------------------------------- outputs
 
