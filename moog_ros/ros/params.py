@@ -87,10 +87,11 @@ class NodeConfig:
         'best_effort', 'Reliability of the image and camera_info subscriptions (best_effort '
         'accepts both reliable and best-effort cameras).', read_only=True, choices=RELIABILITIES)
     input_depth: int = _param(
-        5, 'Keep-last depth of the image subscription. Frames never queue for inference (the '
+        10, 'Keep-last depth of the image subscription. Frames never queue for inference (the '
         'image callback only checks headers and keeps the newest good frame), so a few let '
         'good frames survive a stall of the executor (a flood of other messages) instead of '
-        'being overwritten in the reader.', read_only=True, range=(1, 100))
+        'being overwritten in the reader; the reader may hold this many frames in memory.',
+        read_only=True, range=(1, 100))
     output_reliability: str = _param(
         'reliable', 'Reliability of every output (reliable reaches RViz defaults and '
         'best-effort subscribers).', read_only=True, choices=RELIABILITIES)
