@@ -580,6 +580,23 @@ def test_stale_frames_are_dropped_and_counted(live):
     assert int(values['frames_skipped']) >= int(values['frames_dropped_stale'])
 
 
+def test_frames_lost_before_the_callback_are_counted_from_sequence_gaps(live):
+    node, harness, _, _ = live
+    missed = node.monitor.counts()['missed']
+    camera = {'implementation_identifier': 'rmw_fastrtps_cpp', 'data': b'camera-1'}
+    other = {'implementation_identifier': 'rmw_fastrtps_cpp', 'data': b'camera-2'}
+    for sequence, gid in ((1, camera), (2, camera), (6, camera), (1, other), (7, camera)):
+        node._count_missed({'publication_sequence_number': sequence, 'publisher_gid': gid,
+                            'received_timestamp': 0, 'source_timestamp': 0})
+    assert node.monitor.counts()['missed'] == missed + 3  # 3, 4, 5 of the first camera
+    node._count_missed({'publication_sequence_number': None, 'publisher_gid': None})
+    assert node.monitor.counts()['missed'] == missed + 3  # a middleware without them
+    # Real traffic from one publisher at a pace the node keeps up with: nothing missed.
+    for k in range(5):
+        harness.send_raw(_frame(300 + k), with_info=False)
+    assert node.monitor.counts()['missed'] == missed + 3
+
+
 def test_replayed_stamps_far_in_the_past_are_processed_with_one_warning(context, checkpoint,
                                                                         capfd):
     """A bag replayed without --clock: stamps a day old, at a steady rate, default freshness."""

@@ -136,7 +136,7 @@ class NodeConfig:
     trail_length: int = _param(12, 'Frames of history drawn as trails (overlay, markers).',
                                range=(0, 1000))
     visual_rate: float = _param(
-        10.0, 'Hz; most updates per second of overlay and markers (drawn only while someone '
+        5.0, 'Hz; most updates per second of overlay and markers (drawn only while someone '
         'subscribes). They are for people, and with hundreds of tracks they cost about as '
         'much as the model step. 0: every processed frame.', range=(0.0, 1000.0))
 
