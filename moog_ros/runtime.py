@@ -76,6 +76,8 @@ class RuntimeConfig:
         precision: arithmetic of the model step, one of :data:`PRECISIONS`: ``'fp32'``,
             ``'bf16'`` (``torch.autocast``; fast on CUDA and on CPUs with bf16 matrix units)
             or ``'auto'`` (:func:`resolve_precision`: bf16 where it is known to be faster).
+            fp32 by default, so offline results do not depend on the machine; the live node
+            asks for ``'auto'`` (its ``precision`` parameter).
     """
 
     resize_mode: str = 'crop'
@@ -92,7 +94,7 @@ class RuntimeConfig:
     max_absent_frames: int = 5
     depth_range_m: tuple[float, float] = (0.05, 100.0)
     seed: int = 0
-    precision: str = 'auto'
+    precision: str = 'fp32'
 
     def __post_init__(self) -> None:
         problems = []

@@ -261,6 +261,7 @@ def test_bf16_precision_runs_the_step_in_bf16_and_returns_float32(model):
         assert not np.array_equal(a.depth_m, b.depth_m)
         np.testing.assert_allclose(a.tracks_xy, b.tracks_xy, atol=2.0)
     rt = _runtime(model)
+    assert rt.autocast_dtype is None  # fp32 unless asked: offline results are portable
     rt.update_config(RuntimeConfig(grid_points=16, precision='bf16'))
     assert rt.autocast_dtype is torch.bfloat16
 
