@@ -97,9 +97,10 @@ class NodeConfig:
 
     # Compute budget (read-only: applied at configure).
     num_threads: int = _param(
-        0, 'Torch intra-op CPU threads for the model step, applied at configure. 0: the number '
-        'of cores this process may run on (its CPU affinity). Other busy processes on those '
-        'cores make a step slower and less steady: leave the node its cores.',
+        0, 'Torch intra-op CPU threads for the model step, applied at configure. 0: one fewer '
+        'than the cores this process may run on (its CPU affinity), at least 1, leaving a core '
+        'for taking frames, the middleware and the camera driver. Other busy processes on '
+        'those cores make a step slower and less steady: leave the node its cores.',
         read_only=True, range=(0, 1024))
     precision: str = _param(
         'auto', "Arithmetic of the model step: 'fp32', 'bf16' (autocast; on CUDA, and on CPUs "
