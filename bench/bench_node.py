@@ -326,7 +326,8 @@ def main() -> None:
             listener.create_subscription(MarkerArray, topic, lambda m: None, reliable)
     executor = SingleThreadedExecutor()
     executor.add_node(listener)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
 
     print(f'bench_node: {args.checkpoint}, camera {args.width}x{args.height} {args.encoding}'
           f'{", stamps a day in the past" if args.past_stamps else ""}, grid_points '
@@ -368,6 +369,7 @@ def main() -> None:
                               f'{100 * r["cpu"]:5.0f} {r["warnings"]:4d}  {r["load"]}',
                               flush=True)
     executor.shutdown()
+    spinner.join(5.0)  # out of rcl before the context goes (else a C++ terminate at exit)
     listener.destroy_node()
     rclpy.try_shutdown()
 
