@@ -952,7 +952,8 @@ def report(args: argparse.Namespace, demo_input: DemoInput, checkpoint: Path,
         'rate': args.rate, 'seconds_played': played_s, 'wall_seconds': wall_s,
         'frames_in': frames_in, 'frames_out': frames_out, 'frames_dropped': frames_in - frames_out,
         'node': {k: counts.get(k) for k in (
-            'frames_received', 'frames_processed', 'frames_replaced', 'frames_dropped_stale',
+            'frames_received', 'frames_missed', 'frames_processed', 'frames_replaced',
+            'frames_dropped_stale',
             'frames_dropped_invalid', 'errors', 'state_resets')},
         'node_accounting_complete': settled, 'node_exit_code': node_code,
         'latency_ms': {'node_p50': node_latency[0], 'node_p95': node_latency[1],
@@ -986,7 +987,8 @@ def report(args: argparse.Namespace, demo_input: DemoInput, checkpoint: Path,
         f'  model       {checkpoint}' + ('  ** RANDOM WEIGHTS **' if random_weights else ''),
         f'  frames      {frames_in} published, {frames_out} with outputs, '
         f'{frames_in - frames_out} dropped',
-        f'  node        received {n("frames_received")}, processed {n("frames_processed")}, '
+        f'  node        received {n("frames_received")} (missed before reaching it '
+        f'{n("frames_missed")}), processed {n("frames_processed")}, '
         f'replaced by newer {n("frames_replaced")}, stale {n("frames_dropped_stale")}, '
         f'invalid {n("frames_dropped_invalid")}, errors {n("errors")}, '
         f'state resets {n("state_resets")}'
