@@ -1,10 +1,11 @@
 """A small ``/diagnostics`` reporter for the node (no ``diagnostic_updater`` wheel exists).
 
 :class:`PipelineMonitor` collects what the node sees (frames received, processed, replaced while
-waiting, dropped as stale or invalid, step and end-to-end latency, state resets) from several
-executor threads under one lock, and turns it into one ``diagnostic_msgs/DiagnosticStatus`` per
-report. Rates and levels are computed over the interval since the previous report, so a burst of
-drops shows up as WARN for one period instead of being averaged away.
+waiting, dropped as stale or invalid, missed before they reached the node, step and end-to-end
+latency, state resets) from the executor and inference threads under one lock, and turns it
+into one ``diagnostic_msgs/DiagnosticStatus`` per report. Rates and levels are computed over
+the interval since the previous report, so a burst of drops shows up as WARN for one period
+instead of being averaged away.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ class PipelineMonitor:
         self._step_ms = RollingPercentiles()
         self._latency_ms = RollingPercentiles()
         self._counts = dict.fromkeys(
-            ('received', 'processed', 'replaced', 'stale', 'invalid', 'errors', 'resets'), 0)
+            ('received', 'processed', 'replaced', 'stale', 'invalid', 'missed', 'errors',
+             'resets'), 0)
         self._reported = dict(self._counts)
         self._last_input_s: float | None = None
         self._last_error = ''
@@ -113,8 +115,14 @@ class PipelineMonitor:
         with self._lock:
             self._counts['replaced'] += 1
 
+    def missed(self, count: int) -> None:
+        """``count`` frames never reached the node (gaps in the publisher's sequence numbers:
+        overwritten in the keep-last reader, or lost in transport)."""
+        with self._lock:
+            self._counts['missed'] += int(count)
+
     def stale(self) -> None:
-        """A frame was older than ``max_frame_age`` when inference took it."""
+        """A frame waited in the node longer than ``max_frame_age`` before inference."""
         with self._lock:
             self._counts['stale'] += 1
 
@@ -171,6 +179,10 @@ class PipelineMonitor:
                 'frames_replaced': self._counts['replaced'],
                 'frames_dropped_stale': self._counts['stale'],
                 'frames_dropped_invalid': self._counts['invalid'],
+                'frames_missed': self._counts['missed'],
+                # Every camera frame that got no outputs, whatever the reason.
+                'frames_skipped': sum(self._counts[k] for k in (
+                    'replaced', 'stale', 'invalid', 'missed', 'errors')),
                 'errors': self._counts['errors'],
                 'state_resets': self._counts['resets'],
                 'last_reset_reason': self._last_reset or 'none',
@@ -182,7 +194,8 @@ class PipelineMonitor:
             elif delta['invalid']:
                 level, message = WARN, f'{delta["invalid"]} invalid frames: {self._last_invalid}'
             elif delta['stale']:
-                level, message = WARN, f'{delta["stale"]} frames older than max_frame_age'
+                level, message = WARN, (f'{delta["stale"]} frames waited longer than '
+                                        'max_frame_age')
             else:
                 level, message = OK, 'running'
         if extra:
