@@ -604,7 +604,9 @@ def parameter_digest(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         data = tensor.detach().cpu().contiguous()
         digest.update(f'{name}:{data.dtype}:{tuple(data.shape)}'.encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b'')
+        # reshape(-1): 0-d buffers (batch-norm counters) cannot be viewed as bytes directly.
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if data.numel() else b'')
     return digest.hexdigest()
 
 

@@ -462,15 +462,30 @@ def _estimate_median_depth(source: data.WindowSource, cfg: FitConfig,
     return float(np.median(np.concatenate(samples)))
 
 
+def readout_design(model: MoogPerception) -> str:
+    """The readout design of a perception model ('tokens', 'hybrid' or 'local')."""
+    local = model.config.points.local
+    if local is None:
+        return 'tokens'
+    return 'hybrid' if local.use_tokens else 'local'
+
+
 def build_model(cfg: FitConfig, source: data.WindowSource, dist_info: DistInfo
                 ) -> MoogPerception:
-    """The model to fit: a perception checkpoint as is, or MooG weights + fresh readouts."""
+    """The model to fit: a perception checkpoint of the same design as is (its readouts go on
+    training), else its (or a pretraining checkpoint's) MooG weights + fresh readouts."""
     path = Path(cfg.model.pretrained)
     loaded = load_checkpoint(path, map_location='cpu')
+    backbone = loaded.model
     if isinstance(loaded.model, MoogPerception):
-        print0(dist_info, f'{PROG}: continuing the readouts of perception checkpoint {path}')
-        return loaded.model
-    if not isinstance(loaded.model, Moog):
+        if readout_design(loaded.model) == cfg.model.design:
+            print0(dist_info, f'{PROG}: continuing the readouts of perception checkpoint {path}')
+            return loaded.model
+        # Another design: only the backbone carries over.
+        print0(dist_info, f'{PROG}: {path} has {readout_design(loaded.model)!r} readouts; '
+               f'fitting fresh {cfg.model.design!r} readouts on its MooG backbone')
+        backbone = loaded.model.moog
+    elif not isinstance(loaded.model, Moog):
         raise CheckpointError(f'{path / "config.json"}: kind {loaded.kind!r} has no MooG '
                               "backbone; --pretrained needs a 'moog' or 'perception' checkpoint")
     median = cfg.model.depth_median_m or None
@@ -479,10 +494,10 @@ def build_model(cfg: FitConfig, source: data.WindowSource, dist_info: DistInfo
         print0(dist_info, f'{PROG}: depth offset = median training depth '
                + (f'{median:.3f} m' if median is not None else 'unknown (no depth labels); '
                   'keeping the preset'))
-    perception_cfg = readout_config(cfg, loaded.model.config, median)
+    perception_cfg = readout_config(cfg, backbone.config, median)
     torch.manual_seed(cfg.train.seed)  # identical fresh readouts on every rank
     model = MoogPerception(perception_cfg)
-    model.moog.load_state_dict(loaded.model.state_dict(), strict=True)
+    model.moog.load_state_dict(backbone.state_dict(), strict=True)
     model.load_pretrained_features()  # XFeat from its wheel (hybrid / local designs)
     return model
 
