@@ -15,23 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
-
 from moog_ros import clips, metrics
 from moog_ros.training import evaluate
 
 
 def stay_put(clip: evaluate.EvalClip) -> evaluate.Predictions:
-    """Predictions that never move: each query's own coordinates on every frame."""
-    num_tracks, num_frames = clip.tracks_visible.shape
-    start_xy = clip.tracks_xy[np.arange(num_tracks), clip.query_frame]  # [N, 2]
-    num_boxes = len(clip.box_start)
-    seed_xyxy = clip.boxes_xyxy[np.arange(num_boxes), clip.box_start]  # [K, 4]
-    return evaluate.Predictions(
-        points_xy=np.repeat(start_xy[:, None], num_frames, axis=1),
-        points_visible=np.ones((num_tracks, num_frames), bool),
-        boxes_xyxy=np.repeat(seed_xyxy[:, None], num_frames, axis=1),
-        boxes_present=np.ones((num_boxes, num_frames), bool))
+    """Predictions that never move (``moog_evaluate``'s ``stay_put`` method)."""
+    return evaluate.run_stay_put(clip)
 
 
 def main() -> None:

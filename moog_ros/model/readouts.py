@@ -6,7 +6,11 @@ Every readout consumes ``readout_features(step_out)`` = predicted ++ corrected t
 - **Depth** (grid-based readout, official ``DenseReadout``): pixel queries
   ``zeros(D) ++ Fourier(pixel)`` cross-attend into the tokens (``PixelDecoder``, the same module
   as the RGB decoder) and give one log-depth per pixel. Dense maps are decoded on a strided grid
-  of integer pixels and upsampled bilinearly, so cost is set by ``query_stride``.
+  of integer pixels and upsampled bilinearly, so cost is set by ``query_stride``. That map is
+  smooth: 128 tokens through Fourier queries cannot place an object edge. With
+  ``DepthReadoutConfig.fusion`` (``with_depth_fusion``) the decoder instead emits a feature
+  grid at ``query_stride`` that a small DPT / U-Net style conv head fuses with image feature
+  maps (the frozen XFeat maps) at finer strides; the caller passes those maps as ``skips``.
 - **Points** and **boxes** (set-based readouts, official ``ConditionalAutoregressiveReadout``):
   each query (a point or a box) is encoded by ``MLP(Fourier(query))`` into an initial latent
   ``q0``; per frame ``c = s + TransformerReadout(s, kv=features)`` (cross-attention only, so
@@ -34,6 +38,8 @@ Losses live here too (pure torch, masked means over the entries that carry label
   L1: frozen 'tiny' MooG on generated clips, 800 steps, 2 seeds, held-out clips, plain L1-log
   gave the best AbsRel / delta1 (0.378 / 0.501 vs 0.396 / 0.487, 0.419 / 0.462 (1 seed) and
   0.382 / 0.492); the other kinds stay available (``DEPTH_LOSSES``).
+- ``depth_gradient_loss``: optional multi-scale gradient matching on log-depth (MegaDepth /
+  MiDaS): scale-invariant, it rewards depth edges in the right place.
 - ``point_track_losses``: TAPIR-style, as the same group's Kauldron tracking readout: Huber on
   the normalised position masked by visibility, BCE on visibility, BCE on certainty with the
   label ``|pred - gt| <= threshold`` computed on a detached prediction.
@@ -47,6 +53,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import math
 from typing import Literal
@@ -62,15 +69,18 @@ from moog_ros.model.layers import (
     PixelDecoder,
     Transformer,
     fourier_features,
+    gelu_tanh,
     init_flax_style_,
     pixels_xy_to_unit_yx,
     subsampled_pixels_xy,
 )
+from moog_ros.model.local_points import LocalEvidenceConfig
 
 __all__ = [
     'BoxReadout',
     'BoxReadoutConfig',
     'DEPTH_LOSSES',
+    'DepthFusionConfig',
     'DepthReadout',
     'DepthReadoutConfig',
     'PointReadout',
@@ -80,6 +90,7 @@ __all__ = [
     'box_losses',
     'boxes_xyxy_to_unit',
     'dense_query_pixels',
+    'depth_gradient_loss',
     'depth_loss',
     'generalized_box_iou',
     'get_box_config',
@@ -90,6 +101,7 @@ __all__ = [
     'points_xy_to_unit',
     'unit_to_boxes_xyxy',
     'unit_to_points_xy',
+    'with_depth_fusion',
 ]
 
 DEPTH_LOSSES = ('l1_log', 'l1_log_si', 'si_log', 'l1_m')
@@ -106,8 +118,47 @@ def _require(config: ConfigBase, condition: bool, message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class DepthFusionConfig(ConfigBase):
+    """DPT / U-Net style refinement of the token-decoded depth with image feature maps.
+
+    The pixel decoder runs on the coarse ``query_stride`` grid and emits ``token_channels``
+    features per decoded pixel; each skip map (coarse to fine) is added after a bilinear
+    upsample and refined by a 3x3 residual conv, so depth edges can follow image edges that
+    the 128 tokens cannot place. Defaults fit the frozen XFeat maps at input scale 2:
+    ``XFeatMaps.coarse`` [B, 64, H/4, W/4] and ``XFeatMaps.fine`` [B, 24, H/2, W/2].
+    """
+
+    token_channels: int = 32  # decoder outputs per decoded pixel (instead of one log-depth)
+    channels: int = 32  # width of the fusion convs
+    skip_strides: tuple[int, ...] = (4, 2)  # model-pixel stride of each skip, coarse to fine
+    skip_channels: tuple[int, ...] = (64, 24)  # channels of each skip map
+    # Full resolution from the finest stride s: 'shuffle' predicts s*s log-depths per cell
+    # (pixel shuffle), so an edge can sit on any pixel; 'bilinear' upsamples one log-depth
+    # per cell, which blurs every edge over about s pixels.
+    output_upsample: Literal['shuffle', 'bilinear'] = 'shuffle'
+
+    def __post_init__(self) -> None:
+        for name in ('token_channels', 'channels'):
+            _require(self, getattr(self, name) >= 1,
+                     f'{name} must be >= 1, got {getattr(self, name)}')
+        _require(self, len(self.skip_strides) == len(self.skip_channels),
+                 f'skip_strides {list(self.skip_strides)} and skip_channels '
+                 f'{list(self.skip_channels)} must have the same length')
+        _require(self, all(c >= 1 for c in self.skip_channels),
+                 f'skip_channels must all be >= 1, got {list(self.skip_channels)}')
+        _require(self, all(s >= 1 for s in self.skip_strides),
+                 f'skip_strides must all be >= 1, got {list(self.skip_strides)}')
+        for coarse, fine in zip(self.skip_strides, self.skip_strides[1:]):
+            _require(self, coarse > fine and coarse % fine == 0,
+                     f'skip_strides must go coarse to fine, each dividing the one before, '
+                     f'got {list(self.skip_strides)}')
+
+
+@dataclasses.dataclass(frozen=True)
 class DepthReadoutConfig(ConfigBase):
-    """Dense depth readout: cross-only pixel decoder over the readout features, one channel."""
+    """Dense depth readout: cross-only pixel decoder over the readout features, one channel
+    (or, with ``fusion``, a feature grid refined with image skip maps; see ``with_depth_fusion``).
+    """
 
     transformer: TransformerConfig = TransformerConfig(
         num_layers=3, num_heads=8, qkv_size=512, mlp_size=2048, self_attention=False)
@@ -116,8 +167,13 @@ class DepthReadoutConfig(ConfigBase):
     # alone, projected to transformer.hidden_size (a learned projection: narrower, cheaper).
     zero_pad_queries: bool = True
     query_stride: int = 4  # dense maps: decode every 4th pixel per axis, then bilinear upsample
+    # (with fusion: the stride of the decoded token grid the skips refine)
     train_factor: int = 8  # training: every 8th pixel per axis with a random phase (as RGB)
     median_depth_m: float = 10.0  # log-depth offset: depth = exp(out + log(median_depth_m))
+    # None: depth from the pixel decoder alone (every checkpoint before the field). Set: the
+    # decoder runs at query_stride and DepthFusionConfig refines it with image skip maps; the
+    # readout then needs the skips (``DepthReadout.dense(features, skips)``).
+    fusion: DepthFusionConfig | None = None
 
     def __post_init__(self) -> None:
         _require(self, not self.transformer.self_attention and self.transformer.cross_attention,
@@ -132,6 +188,13 @@ class DepthReadoutConfig(ConfigBase):
                  f'{self.train_factor}')
         _require(self, math.isfinite(self.median_depth_m) and self.median_depth_m > 0.0,
                  f'median_depth_m must be a positive number of metres, got {self.median_depth_m}')
+        if self.fusion is not None and self.fusion.skip_strides:
+            # The image size is checked against query_stride by PerceptionConfig (and by
+            # DepthReadout); a skip stride that divides query_stride then divides it too.
+            first = self.fusion.skip_strides[0]
+            _require(self, self.query_stride >= first and self.query_stride % first == 0,
+                     f'query_stride ({self.query_stride}) must be a multiple of '
+                     f'fusion.skip_strides[0] ({first}): the token grid is upsampled onto it')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +240,27 @@ class _RecurrentReadoutConfig(ConfigBase):
 class PointReadoutConfig(_RecurrentReadoutConfig):
     """Recurrent point-track readout: query (x, y) -> position, visibility, certainty."""
 
+    # Local image evidence (template + correlation windows on XFeat maps, a learned residual
+    # from the last estimate; ``local_points.py``). None = the token-only readout above.
+    local: LocalEvidenceConfig | None = None
+
 
 @dataclasses.dataclass(frozen=True)
 class BoxReadoutConfig(_RecurrentReadoutConfig):
     """Recurrent box readout: seed box (xyxy) -> box per frame and a presence logit."""
+
+    # MedianFlow-style boxes (``box_fit.py``): member_grid^2 points over the central
+    # member_interior of the seed box are tracked by the point readout; each frame the box is
+    # refit from them, and the box head's output is a residual on that fit. 0 = no members
+    # (the box head alone, anchored on the seed box).
+    member_grid: int = 0
+    member_interior: float = 0.6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self, self.member_grid >= 0, f'member_grid must be >= 0, got {self.member_grid}')
+        _require(self, 0.0 < self.member_interior <= 1.0,
+                 f'member_interior must be in (0, 1], got {self.member_interior}')
 
 
 def _recurrent_preset(cls: type, width: int, layers: int, heads: int, qkv: int, mlp: int,
@@ -229,6 +309,15 @@ def get_depth_config(name: str) -> DepthReadoutConfig:
     """Depth readout preset: 'paper', 'small' or 'tiny'."""
     _check_preset(name)
     return _DEPTH_PRESETS[name]()
+
+
+def with_depth_fusion(cfg: DepthReadoutConfig, fusion: DepthFusionConfig | None = None, *,
+                      query_stride: int = 8) -> DepthReadoutConfig:
+    """``cfg`` with image-skip fusion on (default ``DepthFusionConfig()``, the XFeat maps at
+    input scale 2) and the token decode stride set to ``query_stride`` (coarser than the
+    plain readout's: the skips supply the detail, and the decoder is most of the cost)."""
+    return dataclasses.replace(cfg, fusion=fusion or DepthFusionConfig(),
+                               query_stride=query_stride)
 
 
 def get_point_config(name: str) -> PointReadoutConfig:
@@ -310,8 +399,87 @@ def _upsample_matrix(size: int, stride: int, device: torch.device) -> torch.Tens
 # Depth
 
 
+def _rms_over_channels(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``[B, C, h, w]`` divided by its per-pixel RMS over channels (no parameters)."""
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
+
+
+class _DepthFusionHead(nn.Module):
+    """Token feature grid + image skip maps -> ``[B, H, W]`` log-depth (before the offset).
+
+    Per skip (coarse to fine): bilinear upsample to its stride, add a 1x1 projection of the
+    skip, then ``x + conv3x3(gelu(x))``. Skips are frozen features of unknown scale (XFeat's
+    fused descriptors are only meaningful after normalisation), so each is divided by its
+    per-pixel RMS over channels before the projection: the head sees the same input range
+    whatever the backbone's scale, with no statistics to learn or to go stale.
+    """
+
+    def __init__(self, cfg: DepthFusionConfig, query_stride: int,
+                 image_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.config = cfg
+        self.query_stride = query_stride
+        self.image_size = tuple(image_size)
+        h, w = self.image_size
+        if h % query_stride or w % query_stride:
+            raise ConfigError(f'DepthReadoutConfig: query_stride ({query_stride}) must divide '
+                              f'the image size {h}x{w}')
+        width = cfg.channels
+        self.token_proj = (nn.Identity() if cfg.token_channels == width
+                           else nn.Conv2d(cfg.token_channels, width, 1))
+        self.skip_proj = nn.ModuleList(nn.Conv2d(c, width, 1) for c in cfg.skip_channels)
+        self.blocks = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1)
+                                    for _ in cfg.skip_channels)
+        self.out_stride = cfg.skip_strides[-1] if cfg.skip_strides else query_stride
+        per_cell = self.out_stride ** 2 if cfg.output_upsample == 'shuffle' else 1
+        self.out = nn.Conv2d(width, per_cell, 3, padding=1)
+
+    def zero_output_(self) -> None:
+        # An untrained head predicts exactly the median depth everywhere (out = 0); the output
+        # conv gets gradients at once, the layers below it from the first update on.
+        with torch.no_grad():
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    def forward(self, tokens_grid: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """tokens_grid ``[B, C_t, H/s, W/s]``, skips ``[B, C_i, H/s_i, W/s_i]`` -> ``[B, H, W]``.
+        """
+        cfg = self.config
+        h, w = self.image_size
+        if len(skips) != len(cfg.skip_strides):
+            raise ValueError(f'depth fusion expects {len(cfg.skip_strides)} skip maps (strides '
+                             f'{list(cfg.skip_strides)}), got {len(skips)}')
+        B = tokens_grid.shape[0]
+        # The token grid sits at integer pixels s*i + s//2 (dense_query_pixels), half a pixel
+        # from the cell centre s*i + (s-1)/2 that bilinear (align_corners=False) assumes; the
+        # skips carry the fine positions and the 3x3 convs absorb the constant shift.
+        x = self.token_proj(tokens_grid)  # [B, C, H/s, W/s]
+        prev = self.query_stride
+        for i, (stride, skip) in enumerate(zip(cfg.skip_strides, skips)):
+            expected = (B, cfg.skip_channels[i], h // stride, w // stride)
+            if tuple(skip.shape) != expected:
+                raise ValueError(f'depth fusion skip {i} (stride {stride}) must be {expected}, '
+                                 f'got {tuple(skip.shape)}')
+            if prev != stride:
+                x = F.interpolate(x, scale_factor=prev // stride, mode='bilinear',
+                                  align_corners=False)  # [B, C, H/stride, W/stride]
+            x = x + self.skip_proj[i](_rms_over_channels(skip.to(x.dtype)))
+            x = x + self.blocks[i](gelu_tanh(x))
+            prev = stride
+        out = self.out(gelu_tanh(x))  # [B, 1 or prev^2, H/prev, W/prev]
+        if prev > 1:
+            if cfg.output_upsample == 'shuffle':
+                out = F.pixel_shuffle(out, prev)  # [B, 1, H, W]
+            else:
+                out = F.interpolate(out, size=(h, w), mode='bilinear', align_corners=False)
+        return out[:, 0]  # [B, H, W]
+
+
 class DepthReadout(nn.Module):
     """Per-frame depth at any pixels; dense maps via a strided grid + bilinear upsampling.
+
+    With ``cfg.fusion`` the strided token grid is refined with image skip maps instead
+    (``_DepthFusionHead``), and every output comes from that dense map.
 
     Args:
         cfg: the depth readout config.
@@ -329,39 +497,83 @@ class DepthReadout(nn.Module):
         self.decoder = PixelDecoder(cfg.transformer,
                                     zero_width=feature_width if cfg.zero_pad_queries else 0,
                                     kv_width=feature_width,
-                                    num_fourier_bands=cfg.num_fourier_bands, out_channels=1,
+                                    num_fourier_bands=cfg.num_fourier_bands,
+                                    out_channels=(1 if cfg.fusion is None
+                                                  else cfg.fusion.token_channels),
                                     image_size=self.image_size)
+        # Built after the decoder so a config without fusion draws exactly the same weights.
+        self.fusion = (None if cfg.fusion is None
+                       else _DepthFusionHead(cfg.fusion, cfg.query_stride, self.image_size))
         self.log_offset = math.log(cfg.median_depth_m)
         init_flax_style_(self)
+        if self.fusion is not None:
+            self.fusion.zero_output_()
 
-    def log_depth(self, features: torch.Tensor, coords_xy: torch.Tensor) -> torch.Tensor:
-        """features ``[B, N, D]``, coords_xy ``[B, Q, 2]`` pixels -> ``[B, Q]`` log metres."""
-        # float32 before the offset and exp: bf16 would quantise depth to ~0.4 % steps.
-        return self.decoder(features, coords_xy)[..., 0].float() + self.log_offset
+    def _need_skips(self, skips: Sequence[torch.Tensor] | None) -> Sequence[torch.Tensor]:
+        if skips is None:
+            raise ValueError('this depth readout fuses image skip maps (config.fusion is set): '
+                             f'pass skips, {len(self.config.fusion.skip_strides)} maps at '
+                             f'strides {list(self.config.fusion.skip_strides)}')
+        return skips
 
-    def forward(self, features: torch.Tensor, coords_xy: torch.Tensor) -> torch.Tensor:
-        """Depth in metres at the given pixels: ``[B, Q]``."""
-        return torch.exp(self.log_depth(features, coords_xy))
+    def log_depth(self, features: torch.Tensor, coords_xy: torch.Tensor,
+                  skips: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """features ``[B, N, D]``, coords_xy ``[B, Q, 2]`` pixels -> ``[B, Q]`` log metres.
 
-    def dense(self, features: torch.Tensor, stride: int | None = None) -> torch.Tensor:
-        """A full ``[B, H, W]`` depth map (metres) from a grid at ``stride`` (default config).
-
-        Log-depth is interpolated (then exponentiated), which keeps the map positive and
-        interpolates relative depth evenly at every range.
+        With fusion the coordinates are rounded to integer pixels (the dense map is per pixel).
         """
+        if self.fusion is None:
+            # float32 before the offset and exp: bf16 would quantise depth to ~0.4 % steps.
+            return self.decoder(features, coords_xy)[..., 0].float() + self.log_offset
+        dense = self.dense_log_depth(features, self._need_skips(skips))  # [B, H, W]
+        h, w = self.image_size
+        x = coords_xy[..., 0].round().long().clamp(0, w - 1)  # [B, Q]
+        y = coords_xy[..., 1].round().long().clamp(0, h - 1)
+        return dense.flatten(1).gather(1, y * w + x)  # [B, Q]
+
+    def forward(self, features: torch.Tensor, coords_xy: torch.Tensor,
+                skips: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Depth in metres at the given pixels: ``[B, Q]`` (skips: see ``dense``)."""
+        return torch.exp(self.log_depth(features, coords_xy, skips))
+
+    def dense_log_depth(self, features: torch.Tensor,
+                        skips: Sequence[torch.Tensor] | None = None, *,
+                        stride: int | None = None) -> torch.Tensor:
+        """``[B, H, W]`` log metres; see ``dense``."""
         stride = stride or self.config.query_stride
         H, W = self.image_size
         if H % stride or W % stride:
             raise ValueError(f'depth query stride {stride} must divide image size {H}x{W}')
+        if self.fusion is not None and stride != self.config.query_stride:
+            raise ValueError(f'a fused depth readout decodes at its query_stride '
+                             f'({self.config.query_stride}), not {stride}')
         B = features.shape[0]
         coords = dense_query_pixels(self.image_size, stride, features.device)  # [Q, 2]
+        h, w = H // stride, W // stride
+        if self.fusion is not None:
+            skips = self._need_skips(skips)
+            tokens = self.decoder(features, coords.expand(B, -1, -1))  # [B, h * w, C_t]
+            tokens = tokens.transpose(1, 2).reshape(B, -1, h, w)  # [B, C_t, h, w] (row-major)
+            return self.fusion(tokens, skips).float() + self.log_offset
         grid = self.log_depth(features, coords.expand(B, -1, -1))  # [B, h * w]
-        grid = grid.view(B, H // stride, W // stride)
+        grid = grid.view(B, h, w)
         if stride > 1:
             rows = _upsample_matrix(H, stride, features.device)  # [H, h]
             cols = _upsample_matrix(W, stride, features.device)  # [W, w]
             grid = rows @ grid @ cols.T  # [B, H, W]
-        return torch.exp(grid)
+        return grid
+
+    def dense(self, features: torch.Tensor, skips: Sequence[torch.Tensor] | None = None, *,
+              stride: int | None = None) -> torch.Tensor:
+        """A full ``[B, H, W]`` depth map (metres).
+
+        Without fusion: decoded on a grid at ``stride`` (default config) and upsampled; the
+        log-depth is interpolated (then exponentiated), which keeps the map positive and
+        interpolates relative depth evenly at every range. With fusion: ``skips`` are the image
+        feature maps ``[B, C_i, H / s_i, W / s_i]`` of ``config.fusion`` (coarse to fine;
+        required), e.g. ``(XFeatMaps.coarse, XFeatMaps.fine)`` at XFeat input scale 2.
+        """
+        return torch.exp(self.dense_log_depth(features, skips, stride=stride))
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,6 +759,45 @@ def depth_loss(pred_m: torch.Tensor, target_m: torch.Tensor, *,
     # Eigen et al. 2014 scale-invariant log loss with lambda = 0.85.
     si = var + 0.15 * mean ** 2
     return _masked_mean(torch.sqrt(si + 1e-8), has)
+
+
+def depth_gradient_loss(pred_m: torch.Tensor, target_m: torch.Tensor, *,
+                        scales: Sequence[int] = (1, 2, 4)) -> torch.Tensor:
+    """Multi-scale gradient matching on log-depth (MegaDepth / MiDaS style).
+
+    With ``r = log pred - log gt``, the mean over scales ``k`` of the mean of ``|r[i+1] - r[i]|``
+    along x and y over neighbouring pairs (on every k-th pixel) whose targets are both valid.
+    A global scale error is a constant ``r`` and costs nothing, so this term only rewards
+    shape: edges in the right place and flat where the target is flat. Use it next to
+    ``depth_loss``, which fixes the scale.
+
+    Args:
+        pred_m: ``[B, ..., H, W]`` predicted metres (> 0) on the full pixel grid.
+        target_m: same shape; NaN / inf / <= 0 mark unknown depth.
+        scales: pixel strides of the pairs.
+
+    Returns:
+        Scalar loss (0 with no valid pair, still differentiable).
+    """
+    if pred_m.shape != target_m.shape or pred_m.dim() < 2:
+        raise ValueError(f'depth prediction {tuple(pred_m.shape)} and target '
+                         f'{tuple(target_m.shape)} must have the same [..., H, W] shape')
+    if not scales or any(k < 1 for k in scales):
+        raise ValueError(f'scales must be a non-empty list of strides >= 1, got {list(scales)}')
+    valid = torch.isfinite(target_m) & (target_m > 0)
+    safe_target = torch.where(valid, target_m, torch.ones_like(target_m))
+    diff = torch.log(pred_m.clamp(min=1e-6)) - torch.log(safe_target)  # [..., H, W]
+    diff = torch.where(valid, diff, torch.zeros_like(diff))  # no NaN reaches a difference
+    total = diff.new_zeros(())
+    for k in scales:
+        r, v = diff[..., ::k, ::k], valid[..., ::k, ::k]  # [..., H/k, W/k]
+        grad_x = (r[..., :, 1:] - r[..., :, :-1]).abs()
+        grad_y = (r[..., 1:, :] - r[..., :-1, :]).abs()
+        pairs_x = v[..., :, 1:] & v[..., :, :-1]
+        pairs_y = v[..., 1:, :] & v[..., :-1, :]
+        total = total + _masked_mean(torch.cat([grad_x.flatten(), grad_y.flatten()]),
+                                     torch.cat([pairs_x.flatten(), pairs_y.flatten()]))
+    return total / len(scales)
 
 
 def point_track_losses(pred_xy: torch.Tensor, visible_logit: torch.Tensor,

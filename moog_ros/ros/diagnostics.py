@@ -1,10 +1,11 @@
 """A small ``/diagnostics`` reporter for the node (no ``diagnostic_updater`` wheel exists).
 
 :class:`PipelineMonitor` collects what the node sees (frames received, processed, replaced while
-waiting, dropped as stale or invalid, step and end-to-end latency, state resets) from several
-executor threads under one lock, and turns it into one ``diagnostic_msgs/DiagnosticStatus`` per
-report. Rates and levels are computed over the interval since the previous report, so a burst of
-drops shows up as WARN for one period instead of being averaged away.
+waiting, dropped as stale or invalid, missed before they reached the node, step and end-to-end
+latency, state resets) from the executor and inference threads under one lock, and turns it
+into one ``diagnostic_msgs/DiagnosticStatus`` per report. Rates and levels are computed over
+the interval since the previous report, so a burst of drops shows up as WARN for one period
+instead of being averaged away.
 """
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ class PipelineMonitor:
         self._step_ms = RollingPercentiles()
         self._latency_ms = RollingPercentiles()
         self._counts = dict.fromkeys(
-            ('received', 'processed', 'replaced', 'stale', 'invalid', 'errors', 'resets',
-             'policy'), 0)
+            ('received', 'processed', 'replaced', 'stale', 'invalid', 'missed', 'errors',
+             'resets', 'policy'), 0)
         # Messages refused by the input policy or a limit (and invalid ones), by kind.
         self._dropped: dict[str, int] = {}
         self._last_policy = ''
@@ -119,8 +120,14 @@ class PipelineMonitor:
         with self._lock:
             self._counts['replaced'] += 1
 
+    def missed(self, count: int) -> None:
+        """``count`` frames never reached the node (gaps in the publisher's sequence numbers:
+        overwritten in the keep-last reader, or lost in transport)."""
+        with self._lock:
+            self._counts['missed'] += int(count)
+
     def stale(self) -> None:
-        """A frame was older than ``max_frame_age`` when inference took it."""
+        """A frame waited in the node longer than ``max_frame_age`` before inference."""
         with self._lock:
             self._counts['stale'] += 1
 
@@ -192,6 +199,10 @@ class PipelineMonitor:
                 'frames_replaced': self._counts['replaced'],
                 'frames_dropped_stale': self._counts['stale'],
                 'frames_dropped_invalid': self._counts['invalid'],
+                'frames_missed': self._counts['missed'],
+                # Every camera frame that got no outputs, whatever the reason.
+                'frames_skipped': sum(self._counts[k] for k in (
+                    'replaced', 'stale', 'invalid', 'missed', 'errors')),
                 'errors': self._counts['errors'],
                 'state_resets': self._counts['resets'],
                 'last_reset_reason': self._last_reset or 'none',
@@ -205,7 +216,8 @@ class PipelineMonitor:
             elif delta['invalid']:
                 level, message = WARN, f'{delta["invalid"]} invalid frames: {self._last_invalid}'
             elif delta['stale']:
-                level, message = WARN, f'{delta["stale"]} frames older than max_frame_age'
+                level, message = WARN, (f'{delta["stale"]} frames waited longer than '
+                                        'max_frame_age')
             elif delta['policy']:
                 level, message = WARN, (f'{delta["policy"]} messages dropped by the input '
                                         f'policy: {self._last_policy}')

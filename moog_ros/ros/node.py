@@ -8,16 +8,30 @@ Lifecycle:
 - **configure**: read the parameters into a :class:`~moog_ros.ros.params.NodeConfig`, load the
   checkpoint onto the device, warm the model up, create the publishers. Any failure (missing or
   corrupt checkpoint, unavailable device) logs the reason and returns FAILURE.
-- **activate**: create the subscriptions, services and the diagnostics timer.
-- **deactivate**: destroy them (the model stays loaded).
+- **activate**: create the subscriptions, services, the diagnostics timer and the inference
+  thread.
+- **deactivate**: destroy them (the inference thread finishes its frame; the model stays
+  loaded).
 - **cleanup**: destroy the publishers, drop the model and free its GPU memory.
 
-Frames never queue: the image callback (a callback group of its own) only checks the header
-and parks the newest good message (replacing, and counting, one still waiting) and wakes the
-inference callback, which runs in its own mutually exclusive callback group. The reader keeps
-a few frames (``input_depth``) so that a stall of the executor does not overwrite good ones.
-A frame older than ``max_frame_age`` on arrival or when inference would start is dropped and
-counted.
+Frames never queue: the image callback only checks the header and parks the newest good
+message in a one-slot mailbox (replacing, and counting, one still waiting) and returns. A
+dedicated inference thread takes frames from the mailbox; the executor never runs the model,
+so it is free to take the next camera frame at once, and any executor works (``main`` spins a
+``SingleThreadedExecutor``). The previous design woke a callback in a ``MultiThreadedExecutor``
+through a guard condition; rclpy 9.1.2 (the newest Kilted wheel) re-submits a task to its thread
+pool for as long as the task has not started (ros2/rclpy#1452, fixed upstream by #1547), so each
+wake-up became a burst of duplicate pool tasks and a spinning executor thread that held the GIL
+against the inference callback: lost frames and step times swinging 10x. The reader keeps a
+few frames (``input_depth``) so that a stall of the executor does not overwrite good ones.
+
+A frame's age is measured from its arrival at the middleware (the reception timestamp rclpy
+passes as message info), not from its header stamp: a frame that waited in the node longer
+than ``max_frame_age`` (in the callback, or when inference would start) is dropped and
+counted, and latency in ``/diagnostics`` starts there too. Header stamps from another clock (a
+bag replayed without ``--clock``, a camera stamping with its own clock) are processed as usual,
+with one warning. Frames lost before the callback (overwritten in the reader) show as gaps in
+the publisher's sequence numbers and are counted as ``frames_missed``.
 
 Hostile input: every callback survives every message (a message that cannot be used is counted
 by kind in ``/diagnostics`` and logged at most once per kind per 5 s, lines under 1 KB). An
@@ -25,7 +39,8 @@ image is checked from its header before it may displace the frame waiting for in
 limit, layout; PNG/JPEG header, so decompression bombs are never decoded) and goes through
 :class:`~moog_ros.input_policy.InputPolicy`: a frame of another encoding or size, or stamped
 far from the stream, is dropped without touching the state unless the change is sustained for
-``stream_change_frames`` frames.
+``stream_change_frames`` frames. A newest frame that passes the header checks but cannot be
+decoded falls back to the good frame it replaced.
 
 Run directly (``moog_node``), the node configures and activates itself (parameter
 ``autostart``, default true); the launch file sets ``autostart: false`` and lets
@@ -37,6 +52,7 @@ from collections import deque
 import contextlib
 import dataclasses
 import gc
+import os
 from pathlib import Path
 import sys
 import threading
@@ -47,13 +63,13 @@ from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PointStamped
 import numpy as np
 import rclpy
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
+from rclpy.subscription import MessageInfo
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_srvs.srv import Trigger
 import torch
@@ -96,7 +112,67 @@ class FrameTiming(NamedTuple):
     runtime_ms: float  # MoogRuntime.process (includes step_ms)
     step_ms: float  # model step + device-to-host copy
     publish_ms: float  # building and publishing every output
-    latency_ms: float  # frame received -> last output published
+    latency_ms: float  # frame arrived at the middleware -> last output published
+    wait_ms: float = 0.0  # frame arrived at the middleware -> inference started on it
+
+
+class Arrival(NamedTuple):
+    """A camera message waiting for inference, with when it arrived."""
+
+    msg: Image | CompressedImage
+    arrived_s: float  # time.monotonic() of its arrival at the middleware
+    reset: str | None = None  # reason of a sustained stream change (InputPolicy), else None
+
+
+class Mailbox:
+    """One slot for the newest frame: ``put`` replaces, ``take`` blocks until a frame or close.
+
+    The camera callback and the inference thread meet only here, under one condition
+    variable, so a frame is handed over without waking the executor. The frame a ``put``
+    replaced is kept as the fallback of the new one (a JPEG whose header is fine but whose body
+    is garbage must not cost the good frame it displaced), and a stream-change reset carried by
+    the replaced frame moves to the new one (it must not be lost).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Arrival | None = None
+        self._replaced: Arrival | None = None
+        self._closed = False
+
+    def put(self, item: Arrival) -> bool:
+        """Parks ``item``; True when it replaced a frame that was still waiting."""
+        with self._cond:
+            old = self._item
+            replaced = old is not None
+            if replaced:
+                if item.reset is None and old.reset is not None:
+                    item = item._replace(reset=old.reset)
+                self._replaced = old._replace(reset=None)  # the reset now rides on ``item``
+            self._item = item
+            self._cond.notify()
+            return replaced
+
+    def take_with_fallback(self) -> tuple[Arrival | None, Arrival | None]:
+        """(the waiting frame, the frame it replaced or None), emptying the slot; blocks while
+        empty; (None, None) once closed."""
+        with self._cond:
+            while self._item is None and not self._closed:
+                self._cond.wait()
+            item, self._item = self._item, None
+            fallback, self._replaced = self._replaced, None
+            return (None, None) if self._closed else (item, fallback)
+
+    def take(self) -> Arrival | None:
+        """The waiting frame (emptying the slot); blocks while empty; None once closed."""
+        return self.take_with_fallback()[0]
+
+    def close(self) -> None:
+        """Wakes ``take`` for good and drops a waiting frame."""
+        with self._cond:
+            self._closed = True
+            self._item = self._replaced = None
+            self._cond.notify_all()
 
 
 class MoogNode(LifecycleNode):
@@ -120,18 +196,15 @@ class MoogNode(LifecycleNode):
         self._subs: list = []
         self._own_services: list = []
         self._timer = None
-        self._wake = None
-        self._inference_group = MutuallyExclusiveCallbackGroup()
-        self._image_group = MutuallyExclusiveCallbackGroup()
+        self._mailbox: Mailbox | None = None
+        self._inference: threading.Thread | None = None
         # Guards the runtime against cleanup while a frame is in flight.
         self._runtime_lock = threading.Lock()
-        self._pending_lock = threading.Lock()
-        # (message, received monotonic s, reset reason of a sustained stream change or None)
-        self._pending: tuple[Image | CompressedImage, float, str | None] | None = None
-        # The frame the pending one replaced: used if the pending one turns out undecodable (a
-        # JPEG whose header is fine but whose body is garbage must not cost the good frame).
-        self._replaced: tuple[Image | CompressedImage, float, str | None] | None = None
         self._active = False
+        self._stamp_warned = False
+        self._next_visual_s = 0.0  # monotonic time from which overlay and markers are due
+        # Last publication sequence number per publisher (gaps = frames lost before us).
+        self._last_sequence: dict[bytes, int] = {}
         self._camera_info: CameraInfo | None = None
         self._policy: InputPolicy | None = None
         self._limiter = LogLimiter(_LOG_EVERY_S)
@@ -148,6 +221,7 @@ class MoogNode(LifecycleNode):
             config = read_config(self)
             device = resolve_device(config.device)
             checkpoint = resolve_checkpoint(config.checkpoint)
+            threads = apply_num_threads(config.num_threads)
             log.info(f'loading {checkpoint} on {device}')
             start = time.perf_counter()
             runtime = load_runtime(checkpoint, config.runtime_config(), device)
@@ -158,6 +232,7 @@ class MoogNode(LifecycleNode):
         self.config, self.runtime = config, runtime
         self._policy = InputPolicy(config.input_policy_config())
         self._model_name = Path(checkpoint).name
+        self._stamp_warned = False
         self.monitor = PipelineMonitor(f'{self.get_name()}: pipeline', str(device))
         out_qos = qos_profile(config.output_reliability, config.output_depth)
         for key, msg_type, topic in OUTPUTS:
@@ -166,26 +241,30 @@ class MoogNode(LifecycleNode):
         self._pubs['diagnostics'] = self.create_lifecycle_publisher(
             DiagnosticArray, '/diagnostics', 1)
         W, H = runtime.model_wh
+        precision = 'bf16' if runtime.autocast_dtype is not None else 'fp32'
         log.info(f'configured in {time.perf_counter() - start:.1f} s: {self._model_name} '
-                 f'({W}x{H}, resize {config.resize_mode}) on {device}')
+                 f'({W}x{H}, resize {config.resize_mode}) on {device}, {precision}, '
+                 f'{threads} torch threads')
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Creates subscriptions, services and the diagnostics timer."""
+        """Starts the inference thread; creates subscriptions, services, diagnostics timer."""
         config = self.config
         in_qos = qos_profile(config.input_reliability, config.input_depth)
-        self._wake = self.create_guard_condition(self._on_wake, self._inference_group)
-        # Frames get a callback group of their own: under a flood of other messages (a
-        # 10,000-detection array takes a while to deserialise) they would otherwise wait in a
-        # keep-last-1 reader until a newer message overwrote them.
+        self._mailbox = Mailbox()
+        self._last_sequence = {}
+        self._active = True
+        self._inference = threading.Thread(target=self._inference_loop, args=(self._mailbox,),
+                                           name='moog_inference', daemon=True)
+        self._inference.start()
+        # The image callback takes the message info (arrival time, sequence number).
         if config.input_transport == 'compressed':
             self._subs.append(self.create_subscription(
-                CompressedImage, 'image/compressed', self._guard('image', self._on_image),
-                in_qos, callback_group=self._image_group))
+                CompressedImage, 'image/compressed',
+                self._guard_with_info('image', self._on_image), in_qos))
         else:
             self._subs.append(self.create_subscription(
-                Image, 'image', self._guard('image', self._on_image), in_qos,
-                callback_group=self._image_group))
+                Image, 'image', self._guard_with_info('image', self._on_image), in_qos))
         self._subs += [
             self.create_subscription(CameraInfo, 'camera_info',
                                      self._guard('camera_info', self._on_camera_info),
@@ -209,7 +288,6 @@ class MoogNode(LifecycleNode):
                                 self._guard_service('clear_points', self._on_clear_points)),
         ]
         self._timer = self.create_timer(config.diagnostics_period, self._publish_diagnostics)
-        self._active = True
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -243,11 +321,12 @@ class MoogNode(LifecycleNode):
         if self._timer is not None:
             self.destroy_timer(self._timer)
             self._timer = None
-        if self._wake is not None:
-            self.destroy_guard_condition(self._wake)
-            self._wake = None
-        with self._pending_lock:
-            self._pending = self._replaced = None
+        if self._mailbox is not None:
+            self._mailbox.close()
+            self._mailbox = None
+        if self._inference is not None:
+            self._inference.join()  # at most the frame in flight
+            self._inference = None
 
     def _release(self) -> None:
         for pub in self._pubs.values():
@@ -317,6 +396,18 @@ class MoogNode(LifecycleNode):
                                f'{type(err).__name__}: {err}')
         return guarded
 
+    def _guard_with_info(self, name: str, callback):
+        """``_guard`` for a callback of ``(msg, info)``: rclpy passes the message info to a
+        callable of two parameters, so the wrapper must have exactly two."""
+        def guarded(msg, info: MessageInfo) -> None:
+            try:
+                callback(msg, info)
+            except Exception as err:  # every message must be survivable
+                with contextlib.suppress(Exception):
+                    self._drop(f'{name}_error', f'{name}: callback failed on a message: '
+                               f'{type(err).__name__}: {err}')
+        return guarded
+
     def _guard_service(self, name: str, callback):
         def guarded(request, response):
             try:
@@ -331,12 +422,27 @@ class MoogNode(LifecycleNode):
 
     # --------------------------------------------------------------------------- inputs
 
-    def _on_image(self, msg: Image | CompressedImage) -> None:
+    def _on_image(self, msg: Image | CompressedImage, info: MessageInfo) -> None:
         now = time.monotonic()
         monitor, config, policy = self.monitor, self.config, self._policy
         if monitor is None or config is None or policy is None:
             return  # cleaned up while the message was in flight
+        # The middleware's reception time (system clock, ns); the time the message spent in
+        # the reader and the executor before this callback counts towards its age.
+        received_ns = info.get('received_timestamp') or 0
+        waited_s = (time.time_ns() - received_ns) / 1e9 if received_ns > 0 else 0.0
+        waited_s = min(max(waited_s, 0.0), 60.0)  # a wild value (clock step) is ignored
+        arrived = now - waited_s
         monitor.received(now)
+        self._count_missed(info)
+        if 0 < config.max_frame_age < waited_s:
+            # Waited too long in the reader already (an executor stall): stale, and it must
+            # not count towards a timeline change either. Frames that grow old in the mailbox
+            # are caught again in _process.
+            monitor.stale()
+            self._log('stale_frame', f'dropping a frame that waited {waited_s:.3f} s in the '
+                      f'node (max_frame_age {config.max_frame_age:g} s)')
+            return
         # Header checks first: a frame that cannot be used must not displace a good one
         # waiting for inference (under bad traffic most good frames would be lost).
         try:
@@ -351,31 +457,28 @@ class MoogNode(LifecycleNode):
             return
         stamp_ns = conv.stamp_to_ns(msg.header.stamp)
         now_ns = self.get_clock().now().nanoseconds
-        age_s = (now_ns - stamp_ns) / 1e9
-        if config.max_frame_age > 0 and age_s > config.max_frame_age:
-            # Old on arrival: stale, not a stamp outlier (it must not count towards a
-            # timeline change either). Frames that grow old while waiting are caught again
-            # in _process.
-            monitor.stale()
-            self._log('stale_frame', f'dropping a frame {age_s:.3f} s old (max_frame_age '
-                      f'{config.max_frame_age:g} s)')
-            return
-        verdict = policy.check(encoding, width, height, stamp_ns, now_ns)
+        verdict = policy.check(encoding, width, height, stamp_ns, now_ns or None)
         if not verdict.accept:
             self._drop(verdict.drop, f'dropping a frame: {verdict.detail} (the state is kept; '
                        f'only {config.stream_change_frames} such frames in a row, with the '
                        'stream silent, switch it)')
             return
-        with self._pending_lock:
-            reset = verdict.reset
-            if self._pending is not None:
-                monitor.replaced()
-                reset = reset or self._pending[2]  # a stream change must not be lost
-                self._replaced = self._pending
-            self._pending = (msg, now, reset)
-        wake = self._wake
-        if wake is not None and self._active:  # not while deactivation tears it down
-            wake.trigger()
+        mailbox = self._mailbox
+        if (mailbox is not None and self._active
+                and mailbox.put(Arrival(msg, arrived, verdict.reset))):
+            monitor.replaced()
+
+    def _count_missed(self, info: MessageInfo) -> None:
+        """Counts gaps in a publisher's sequence numbers: frames that never reached us."""
+        sequence = info.get('publication_sequence_number')
+        gid = info.get('publisher_gid')
+        if not sequence or not gid:
+            return  # this middleware does not report them
+        key = bytes(gid.get('data', b''))
+        last = self._last_sequence.get(key)
+        self._last_sequence[key] = sequence
+        if last is not None and sequence > last + 1:
+            self.monitor.missed(sequence - last - 1)
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
@@ -477,40 +580,57 @@ class MoogNode(LifecycleNode):
 
     # ------------------------------------------------------------------------ inference
 
-    def _on_wake(self) -> None:
-        """Processes the newest waiting frame until none is left (inference callback group)."""
-        while self._active:
-            with self._pending_lock:
-                item, self._pending = self._pending, None
-                fallback, self._replaced = self._replaced, None
+    def _inference_loop(self, mailbox: Mailbox) -> None:
+        """The inference thread: the newest waiting frame, one at a time, until closed."""
+        while True:
+            item, fallback = mailbox.take_with_fallback()
             if item is None:
                 return
             with self._runtime_lock:
                 if self.runtime is None:
                     return
                 try:
-                    if not self._process(*item) and fallback is not None:
-                        self._process(*fallback)
+                    if not self._process(item) and fallback is not None:
+                        self._process(fallback)
                 except Exception as err:  # one bad frame must not stop the node
-                    self.monitor.error(clip_text(f'{type(err).__name__}: {err}', 200))
-                    self._log('frame_failed', f'frame failed: {type(err).__name__}: {err}',
-                              'error')
+                    with contextlib.suppress(Exception):  # nor may its report end the thread
+                        self.monitor.error(clip_text(f'{type(err).__name__}: {err}', 200))
+                        self._log('frame_failed', f'frame failed: {type(err).__name__}: {err}',
+                                  'error')
                     self.runtime.reset(f'recovering from {type(err).__name__}')
 
-    def _process(self, msg: Image | CompressedImage, received_s: float,
-                 reset_reason: str | None) -> bool:
+    def _check_stamp(self, stamp_ns: int) -> None:
+        """Warns once when header stamps and the node clock disagree (a replay, another clock)."""
+        threshold = self.config.stamp_skew_warning
+        if self._stamp_warned or threshold <= 0:
+            return
+        now_ns = self.get_clock().now().nanoseconds
+        if now_ns == 0:
+            return  # use_sim_time before the first /clock: there is no node time to compare
+        skew_s = (now_ns - stamp_ns) / 1e9
+        if abs(skew_s) > threshold:
+            self._stamp_warned = True
+            self.get_logger().warning(
+                f'image header stamps are {abs(skew_s):.1f} s '
+                f'{"behind" if skew_s > 0 else "ahead of"} the node clock: they look like a '
+                'replay (a bag played without --clock) or a camera stamping with another clock. '
+                'Processing continues; stamps still drive state resets and output headers. '
+                '(Warned once.)')
+
+    def _process(self, item: Arrival) -> bool:
         """Runs one frame; False if it could not be decoded (the caller may try another)."""
         config, runtime = self.config, self.runtime
-        if reset_reason is not None:  # a sustained change of stream (the policy said so)
-            runtime.reset(reset_reason)  # even if this very frame is dropped below
+        msg = item.msg
+        if item.reset is not None:  # a sustained change of stream (the policy said so)
+            runtime.reset(item.reset)  # even if this very frame is dropped below
         stamp_ns = conv.stamp_to_ns(msg.header.stamp)
-        if config.max_frame_age > 0:
-            age_s = (self.get_clock().now().nanoseconds - stamp_ns) / 1e9
-            if age_s > config.max_frame_age:
-                self.monitor.stale()
-                self._log('stale_frame', f'dropping a frame {age_s:.3f} s old (max_frame_age '
-                          f'{config.max_frame_age:g} s)')
-                return True  # an older fallback would be staler still
+        self._check_stamp(stamp_ns)
+        wait_s = time.monotonic() - item.arrived_s
+        if 0 < config.max_frame_age < wait_s:
+            self.monitor.stale()
+            self._log('stale_frame', f'dropping a frame that waited {wait_s:.3f} s in the node '
+                      f'(max_frame_age {config.max_frame_age:g} s)')
+            return True  # an older fallback would be staler still
         start = time.perf_counter()
         try:
             if isinstance(msg, CompressedImage):
@@ -533,10 +653,11 @@ class MoogNode(LifecycleNode):
             self._log('note: ' + ' '.join(note.split()[:2]), note)
         self._publish(msg.header, rgb, result)
         done = time.perf_counter()
-        latency_ms = (time.monotonic() - received_s) * 1e3
+        latency_ms = (time.monotonic() - item.arrived_s) * 1e3
         self.timings.append(FrameTiming(
             convert_ms=(converted - start) * 1e3, runtime_ms=(processed - converted) * 1e3,
-            step_ms=result.step_ms, publish_ms=(done - processed) * 1e3, latency_ms=latency_ms))
+            step_ms=result.step_ms, publish_ms=(done - processed) * 1e3, latency_ms=latency_ms,
+            wait_ms=wait_s * 1e3))
         self._last_result = result
         self.monitor.processed(time.monotonic(), result.step_ms, latency_ms)
         return True
@@ -551,10 +672,27 @@ class MoogNode(LifecycleNode):
                       f'camera_info is {info.width}x{info.height} but images are '
                       f'{result.geometry.input_wh[0]}x{result.geometry.input_wh[1]}; no '
                       'depth/camera_info and no 3-D positions until they match')
-        # Overlay and markers are for people: built only while someone subscribes.
-        wanted = {'depth', 'depth_info', 'tracks', 'detections'} | {
-            key for key in ('overlay', 'track_markers', 'box_markers')
-            if pubs[key].get_subscription_count() > 0}
+        # What machines read goes out first: the visual outputs below must not delay it.
+        messages = self._builder.build(header, rgb, result, info, None,
+                                       ('depth', 'depth_info', 'tracks', 'detections'))
+        for key, msg in messages.items():
+            pubs[key].publish(msg)
+        # Overlay and markers are for people: built only while someone subscribes, and at
+        # most visual_rate times a second (hundreds of tracks cost about a model step).
+        now = time.monotonic()
+        rate = self.config.visual_rate
+        if rate > 0 and now < self._next_visual_s:
+            return
+        wanted = {key for key in ('overlay', 'track_markers', 'box_markers')
+                  if pubs[key].get_subscription_count() > 0}
+        if not wanted:
+            return
+        # Due times advance by whole periods, so a camera slightly slower than a multiple of
+        # the period still gets about visual_rate updates; after a pause the schedule restarts.
+        if rate > 0:
+            period = 1.0 / rate
+            due = self._next_visual_s if now - self._next_visual_s < period else now
+            self._next_visual_s = due + period
         trails = (self.runtime.trails(result.track_ids)  # [N, L, 3] (u, v, depth)
                   if wanted & {'overlay', 'track_markers'} else None)
         messages = self._builder.build(header, rgb, result, info, trails, wanted)
@@ -567,6 +705,8 @@ class MoogNode(LifecycleNode):
             runtime.device) if runtime else 'none'}
         if runtime is not None:
             extra['model_resolution'] = '{}x{}'.format(*runtime.model_wh)
+            extra['precision'] = 'bf16' if runtime.autocast_dtype is not None else 'fp32'
+            extra['torch_threads'] = torch.get_num_threads()
             extra['point_tracks'] = runtime.num_points
             extra['box_tracks'] = runtime.num_boxes
         if result is not None:
@@ -577,6 +717,23 @@ class MoogNode(LifecycleNode):
         status = self.monitor.status(time.monotonic(), extra)
         self._pubs['diagnostics'].publish(
             diagnostic_array(self.get_clock().now().to_msg(), [status]))
+
+
+def apply_num_threads(num_threads: int) -> int:
+    """Sets torch's intra-op threads; returns the count. Process-wide (one pool per process).
+
+    0 means one fewer than the cores this process may run on, at least 1: the executor thread
+    taking frames, the middleware's threads and usually the camera driver need a core too. A
+    torch thread that loses its core stalls every step at the next barrier: on the 2-core
+    development machine, 1 thread processed 98.7-100 % of a 15 Hz camera with step p95/p50
+    <= 1.8, 2 threads 92.7-98 % with p95/p50 up to 2.8 (bench/bench_node.py, load ~4.5).
+    """
+    if num_threads <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') \
+            else (os.cpu_count() or 1)
+        num_threads = max(1, cores - 1)
+    torch.set_num_threads(num_threads)
+    return torch.get_num_threads()
 
 
 def _autostart(node: MoogNode) -> bool:
@@ -602,7 +759,9 @@ def main(args: list[str] | None = None) -> None:
     ok = True
     try:
         node = MoogNode()
-        executor = MultiThreadedExecutor(num_threads=3)
+        # One executor thread is enough: callbacks only park frames and queue requests, the
+        # model runs on the node's own inference thread.
+        executor = SingleThreadedExecutor()
         executor.add_node(node)
         ok = not node.get_parameter('autostart').value or _autostart(node)
         if ok:

@@ -35,7 +35,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from moog_ros.image_codecs import DEFAULT_MAX_PIXELS
 from moog_ros.imaging import RESIZE_MODES
 from moog_ros.input_policy import InputPolicyConfig
-from moog_ros.runtime import RuntimeConfig
+from moog_ros.runtime import PRECISIONS, RuntimeConfig
 
 PACKAGE = 'moog_ros'
 DEFAULT_MODEL = 'models/moog_small'  # under the package share directory
@@ -100,10 +100,29 @@ class NodeConfig:
     diagnostics_period: float = _param(
         1.0, 'Seconds between /diagnostics reports.', read_only=True, range=(0.1, 60.0))
 
+    # Compute budget (read-only: applied at configure).
+    num_threads: int = _param(
+        0, 'Torch intra-op CPU threads for the model step, applied at configure. 0: one fewer '
+        'than the cores this process may run on (its CPU affinity), at least 1, leaving a core '
+        'for taking frames, the middleware and the camera driver. Other busy processes on '
+        'those cores make a step slower and less steady: leave the node its cores.',
+        read_only=True, range=(0, 1024))
+    precision: str = _param(
+        'auto', "Arithmetic of the model step: 'fp32', 'bf16' (autocast; on CUDA, and on CPUs "
+        "with AVX512-BF16 or AMX) or 'auto' (bf16 where it is faster: CUDA with bf16 support "
+        'and CPUs with bf16 instructions; fp32 elsewhere).', read_only=True, choices=PRECISIONS)
+
     # Frame policy and state resets.
     max_frame_age: float = _param(
-        0.5, 'Seconds; a frame older than this (node clock minus header stamp) when inference '
-        'would start is dropped and counted. 0 disables the check.', range=(0.0, 60.0))
+        0.5, 'Seconds; a frame that waited in the node longer than this (from its arrival at '
+        'the middleware to the start of inference) is dropped and counted. Header stamps play '
+        'no part, so replays and cameras with their own clock work. 0 disables the check.',
+        range=(0.0, 60.0))
+    stamp_skew_warning: float = _param(
+        1.0, 'Seconds; when a header stamp and the node clock differ by more than this, the '
+        'node warns once that the stamps look like a replay or another clock, and carries on '
+        '(stamps still drive resets and outputs). 0 disables the warning.',
+        range=(0.0, 1e9))
     reset_gap: float = _param(
         2.0, 'Seconds; a stamp gap longer than this between processed frames resets the '
         'recurrent state (keep it above the processing period). 0 disables.',
@@ -152,6 +171,10 @@ class NodeConfig:
         range=(1, 100000))
     trail_length: int = _param(12, 'Frames of history drawn as trails (overlay, markers).',
                                range=(0, 1000))
+    visual_rate: float = _param(
+        5.0, 'Hz; most updates per second of overlay and markers (drawn only while someone '
+        'subscribes). They are for people, and with hundreds of tracks they cost about as '
+        'much as the model step. 0: every processed frame.', range=(0.0, 1000.0))
 
     # Box tracks.
     max_boxes: int = _param(
@@ -181,7 +204,7 @@ class NodeConfig:
     def runtime_config(self) -> RuntimeConfig:
         """The :class:`RuntimeConfig` these parameters describe."""
         return RuntimeConfig(
-            resize_mode=self.resize_mode,
+            resize_mode=self.resize_mode, precision=self.precision,
             depth_resolution=self.depth_resolution, reset_gap_s=self.reset_gap,
             grid_points=self.grid_points, max_points=self.max_points,
             visible_threshold=self.visible_threshold,

@@ -74,6 +74,7 @@ SAMPLE_DEPTH_TOPIC = '/camera/depth/image_raw'
 BIKES_WIDTH = 320
 PREROLL_S = 1.0  # /clock runs this long before the first frame (the node's clock must be set)
 CLOCK_PERIOD_S = 0.05  # /clock publish period while waiting (20 Hz)
+DEMO_NICE = 10  # the player/recorder's niceness: the node, at 0, gets the cores when it needs them
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,7 +332,9 @@ class NodeProcess:
         command += ['--ros-args', '-r', f'__ns:={NAMESPACE}', '-r', f'image:={IMAGE_TOPIC}',
                     '-r', f'camera_info:={INFO_TOPIC}',
                     '-p', f'checkpoint:={checkpoint}', '-p', f'device:={device}',
-                    '-p', 'autostart:=true', '-p', 'use_sim_time:=true']
+                    '-p', 'autostart:=true', '-p', 'use_sim_time:=true',
+                    # The overlay video shows every processed frame.
+                    '-p', 'visual_rate:=0.0']
         self.command = command
         self.log_path = log_path
         self._log = log_path.open('w')
@@ -359,6 +362,18 @@ class NodeProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def yield_cores_to_node() -> None:
+    """Makes this process (player, recorder, rendering) defer to the node it started.
+
+    The node must keep the frame rate on a machine with few cores; the demo's own work is
+    bursty and can wait. Called after the node is started, so the node keeps normal priority
+    (a child inherits the parent's nice value at fork).
+    """
+    with contextlib.suppress(OSError):  # not permitted: run at normal priority
+        os.nice(DEMO_NICE)
+    cv2.setNumThreads(1)  # OpenCV's worker pool (JPEG, resize, video writing) on one core
 
 
 # ------------------------------------------------------------------------------------------------
@@ -826,7 +841,7 @@ def run(args: argparse.Namespace) -> int:
 
     from diagnostic_msgs.msg import DiagnosticArray
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
 
     from moog_ros.ros.node import OUTPUTS
     from moog_ros.tools.infer import output_topics
@@ -838,9 +853,12 @@ def run(args: argparse.Namespace) -> int:
     clock = PlayClock(args.rate)
     wall_start = time.monotonic()
     node_process = NodeProcess(checkpoint, args.device, paths.node_log)
+    yield_cores_to_node()
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=domain_id)
-    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    # One executor thread: the recorder's callbacks only write bytes. (A MultiThreadedExecutor
+    # also re-submits not-yet-started tasks in rclpy 9.1.2, ros2/rclpy#1452: busy CPU.)
+    executor = SingleThreadedExecutor(context=context)
     demo_node = rclpy.create_node('moog_demo', context=context)
     executor.add_node(demo_node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
@@ -934,7 +952,8 @@ def report(args: argparse.Namespace, demo_input: DemoInput, checkpoint: Path,
         'rate': args.rate, 'seconds_played': played_s, 'wall_seconds': wall_s,
         'frames_in': frames_in, 'frames_out': frames_out, 'frames_dropped': frames_in - frames_out,
         'node': {k: counts.get(k) for k in (
-            'frames_received', 'frames_processed', 'frames_replaced', 'frames_dropped_stale',
+            'frames_received', 'frames_missed', 'frames_processed', 'frames_replaced',
+            'frames_dropped_stale',
             'frames_dropped_invalid', 'errors', 'state_resets')},
         'node_accounting_complete': settled, 'node_exit_code': node_code,
         'latency_ms': {'node_p50': node_latency[0], 'node_p95': node_latency[1],
@@ -968,7 +987,8 @@ def report(args: argparse.Namespace, demo_input: DemoInput, checkpoint: Path,
         f'  model       {checkpoint}' + ('  ** RANDOM WEIGHTS **' if random_weights else ''),
         f'  frames      {frames_in} published, {frames_out} with outputs, '
         f'{frames_in - frames_out} dropped',
-        f'  node        received {n("frames_received")}, processed {n("frames_processed")}, '
+        f'  node        received {n("frames_received")} (missed before reaching it '
+        f'{n("frames_missed")}), processed {n("frames_processed")}, '
         f'replaced by newer {n("frames_replaced")}, stale {n("frames_dropped_stale")}, '
         f'invalid {n("frames_dropped_invalid")}, errors {n("errors")}, '
         f'state resets {n("state_resets")}'

@@ -88,7 +88,7 @@ def _sibling_info_topic(image_topic: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from moog_ros.imaging import RESIZE_MODES
-    from moog_ros.runtime import RUNTIME_PRESETS
+    from moog_ros.runtime import PRECISIONS, RUNTIME_PRESETS
 
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split('\n\n')[0].split(': ', 1)[1],
@@ -123,6 +123,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help='override the aspect policy (crop, pad, stretch)')
     parser.add_argument('--depth-resolution', default=None, choices=('model', 'input'),
                         help='size of depth/image: model canvas (default) or input image')
+    parser.add_argument('--precision', default=None, choices=PRECISIONS,
+                        help="arithmetic of the model step: fp32 (default, the same results on "
+                             "every machine), bf16, or auto (bf16 where it is faster, as the "
+                             "node's default)")
     parser.add_argument('--namespace', default='/moog',
                         help='namespace of the output topics (default /moog)')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
@@ -213,7 +217,8 @@ def _run(args: argparse.Namespace, caught: list[warnings.WarningMessage]) -> int
             return 2
     config = get_runtime_config(args.preset)
     overrides = {k: v for k, v in (('resize_mode', args.resize_mode),
-                                   ('depth_resolution', args.depth_resolution)) if v}
+                                   ('depth_resolution', args.depth_resolution),
+                                   ('precision', args.precision)) if v}
     config = dataclasses.replace(config, **overrides)
     try:
         device = resolve_device(args.device)
