@@ -153,6 +153,19 @@ def pixels_xy_to_unit_yx(coords_xy: torch.Tensor, image_size: tuple[int, int]) -
     return torch.stack([y, x], dim=-1)
 
 
+def points_xy_to_unit(xy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel ``xy`` -> [0, 1] per axis, 0 / 1 = first / last pixel centre (point positions)."""
+    h, w = image_size
+    scale = xy.new_tensor([max(w - 1, 1), max(h - 1, 1)])
+    return xy / scale
+
+
+def unit_to_points_xy(unit: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``points_xy_to_unit``."""
+    h, w = image_size
+    return unit * unit.new_tensor([max(w - 1, 1), max(h - 1, 1)])
+
+
 def random_decode_shifts(batch_size: int, factor: int, *,
                          generator: torch.Generator | None = None,
                          device: torch.device | str | None = None) -> torch.Tensor:

@@ -48,6 +48,8 @@ from moog_ros.model.layers import (
     fourier_features,
     init_flax_style_,
     pixels_xy_to_unit_yx,
+    points_xy_to_unit,
+    unit_to_points_xy,
 )
 from moog_ros.model.xfeat import COARSE_CHANNELS, FINE_CHANNELS, XFeatMaps
 
@@ -184,9 +186,8 @@ class LocalPointReadout(nn.Module):
         self.num_fourier_bands = cfg.num_fourier_bands
         self.strides = local.level_strides(input_scale)
         L, S, width = local.levels, local.window, cfg.width
-        template_width = sum(local.level_channels())
         self.query_mlp = Mlp(4 * cfg.num_fourier_bands, cfg.query_mlp_size, width)
-        self.template_proj = nn.Linear(template_width, width)
+        self.template_proj = nn.Linear(self.template_width, width)
         # Correlation windows of every level, their peak and entropy, and the step taken from
         # the prior (in units of the finest stride): what the latent sees of the image.
         self.corr_mlp = Mlp(L * S + 2 * L + 2, local.corr_mlp_size, width)
@@ -214,13 +215,11 @@ class LocalPointReadout(nn.Module):
 
     def anchor_from_xy(self, xy: torch.Tensor) -> torch.Tensor:
         """The query's anchor in unit xy (as the token readout: 0 / 1 = first / last centre)."""
-        h, w = self.image_size
-        return xy.float() / xy.new_tensor([max(w - 1, 1), max(h - 1, 1)]).float()
+        return points_xy_to_unit(xy.float(), self.image_size)
 
     def xy_from_anchor(self, anchor: torch.Tensor) -> torch.Tensor:
         """Inverse of ``anchor_from_xy``: unit xy -> pixels."""
-        h, w = self.image_size
-        return anchor * anchor.new_tensor([max(w - 1, 1), max(h - 1, 1)])
+        return unit_to_points_xy(anchor, self.image_size)
 
     def init_outputs(self) -> None:
         """Zero residual step, confident visibility: the untrained readout is the template

@@ -51,7 +51,6 @@ from moog_ros.model.readouts import (
     get_depth_config,
     get_point_config,
     points_visible,
-    unit_to_boxes_xyxy,
     with_depth_fusion,
 )
 from moog_ros.model.xfeat import XFeatBackbone, XFeatMaps, load_xfeat_weights
@@ -90,14 +89,14 @@ class PerceptionConfig(ConfigBase):
                               f'{self.xfeat_scale}')
         needs = [name for name, on in (
             ('points.local', self.points.local is not None),
-            ('depth.fusion', getattr(self.depth, 'fusion', None) is not None)) if on]
+            ('depth.fusion', self.depth.fusion is not None)) if on]
         if needs and not self.xfeat_scale:
             raise ConfigError(f'{type(self).__name__}: {", ".join(needs)} need the XFeat '
                               'features: set xfeat_scale (e.g. 2)')
         if self.boxes.member_grid and self.points.local is None:
             raise ConfigError(f'{type(self).__name__}: boxes.member_grid tracks member points '
                               'with the local point readout: set points.local too')
-        fusion = getattr(self.depth, 'fusion', None)
+        fusion = self.depth.fusion
         if fusion is not None:
             strides = (8 / self.xfeat_scale, 4 / self.xfeat_scale)  # XFeat coarse, fine maps
             if tuple(float(v) for v in fusion.skip_strides) != strides:
@@ -481,10 +480,7 @@ class MoogPerception(nn.Module):
         boxes = state.boxes
         B, M = boxes.start_frame.shape
         G = self.members_per_box
-        anchor = boxes.anchor  # [B, M, 4] unit centre x, centre y, width, height
-        seed_xyxy = unit_to_boxes_xyxy(torch.cat([anchor[..., :2] - 0.5 * anchor[..., 2:],
-                                                  anchor[..., :2] + 0.5 * anchor[..., 2:]], -1),
-                                       self.image_size)
+        seed_xyxy = self.boxes.xyxy_from_anchor(boxes.anchor)  # [B, M, 4] pixels
         seed_points = self.points.xy_from_anchor(state.members.anchor).reshape(B, M, G, 2)
         starting = (boxes.start_frame == state.frame_index)[..., None]
         previous = torch.where(starting, seed_xyxy, boxes.position)
@@ -497,7 +493,7 @@ class MoogPerception(nn.Module):
         features = readout_features(moog_out)  # [B, 2K, D]
         t = state.frame_index
         skips = None
-        if getattr(self.config.depth, 'fusion', None) is not None:
+        if self.config.depth.fusion is not None:
             skips = [maps.coarse, maps.fine]  # coarse to fine, as depth.fusion.skip_strides
         depth_m = self.depth.dense(features, skips) if dense_depth else None
         depth_sampled = (self.depth(features, depth_coords_xy, skips)
@@ -506,11 +502,19 @@ class MoogPerception(nn.Module):
         if self.local_points:
             pyramid = self.points.pyramid(maps)
             tokens = features if self.config.points.local.use_tokens else None
-            (points_xy, vis_logit, cert_logit), points = self._track_points(
-                state.points, pyramid, tokens, t)
+            # Points and box members in one call: queries never interact, and one batch
+            # samples the pyramid and attends into the tokens once per frame.
+            n = state.points.start_frame.shape[1]
+            queries = state.points
             if self.members_per_box:
-                (members_xy, members_vis, members_cert), members = self._track_points(
-                    self._members(state), pyramid, tokens, t)
+                queries = QueryState(*(torch.cat([a, b], 1)
+                                       for a, b in zip(state.points, self._members(state))))
+            (xy, vis, cert), tracked = self._track_points(queries, pyramid, tokens, t)
+            points = QueryState(*(v[:, :n] for v in tracked))
+            points_xy, vis_logit, cert_logit = xy[:, :n], vis[:, :n], cert[:, :n]
+            if self.members_per_box:
+                members = QueryState(*(v[:, n:] for v in tracked))
+                members_xy, members_vis, members_cert = xy[:, n:], vis[:, n:], cert[:, n:]
         else:
             point_heads, point_latents = self.points(
                 self._reset_started(state.points, t), features)

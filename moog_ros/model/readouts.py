@@ -72,7 +72,9 @@ from moog_ros.model.layers import (
     gelu_tanh,
     init_flax_style_,
     pixels_xy_to_unit_yx,
+    points_xy_to_unit,
     subsampled_pixels_xy,
+    unit_to_points_xy,
 )
 from moog_ros.model.local_points import LocalEvidenceConfig
 
@@ -334,19 +336,6 @@ def get_box_config(name: str) -> BoxReadoutConfig:
 
 # --------------------------------------------------------------------------------------------
 # Coordinate helpers (one place for each normalisation)
-
-
-def points_xy_to_unit(xy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Pixel ``xy`` -> [0, 1] per axis, 0 / 1 = first / last pixel centre (point positions)."""
-    h, w = image_size
-    scale = xy.new_tensor([max(w - 1, 1), max(h - 1, 1)])
-    return xy / scale
-
-
-def unit_to_points_xy(unit: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Inverse of ``points_xy_to_unit``."""
-    h, w = image_size
-    return unit * unit.new_tensor([max(w - 1, 1), max(h - 1, 1)])
 
 
 def boxes_xyxy_to_unit(xyxy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
@@ -689,6 +678,14 @@ class BoxReadout(RecurrentQueryReadout):
         return torch.cat([0.5 * (unit[..., :2] + unit[..., 2:]), unit[..., 2:] - unit[..., :2]],
                          dim=-1)
 
+    def xyxy_from_anchor(self, anchor: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``anchor_from_xyxy``: unit centre / size ``[B, M, 4]`` -> xyxy pixels."""
+        return self._unit_to_xyxy(anchor[..., :2], anchor[..., 2:])
+
+    def _unit_to_xyxy(self, centre: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        unit = torch.cat([centre - 0.5 * size, centre + 0.5 * size], dim=-1)
+        return unit_to_boxes_xyxy(unit, self.image_size)
+
     def decode_outputs(self, heads: dict[str, torch.Tensor], anchor: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Heads and anchors ``[B, M, 4]`` -> ``(xyxy [B, M, 4] pixels, presence_logit
@@ -703,8 +700,7 @@ class BoxReadout(RecurrentQueryReadout):
         else:
             params = torch.sigmoid(out)  # centre x, centre y, width, height
             centre, size = params[..., :2], params[..., 2:]
-        unit = torch.cat([centre - 0.5 * size, centre + 0.5 * size], dim=-1)
-        return unit_to_boxes_xyxy(unit, self.image_size), heads['presence'].float()[..., 0]
+        return self._unit_to_xyxy(centre, size), heads['presence'].float()[..., 0]
 
 
 # --------------------------------------------------------------------------------------------
