@@ -11,7 +11,11 @@ The bag is what a robot camera driver would record, made from generated scenes
 - ``/camera/camera_info``           sensor_msgs/CameraInfo with the renderer's true intrinsics
   (no distortion), one per frame with the frame's header;
 - ``/camera/depth/image_raw``       sensor_msgs/Image ``16UC1`` ground-truth z-depth in
-  millimetres (0 = unknown, REP 118), registered to the colour camera.
+  millimetres (0 = unknown, REP 118), registered to the colour camera;
+- ``/ground_truth/boxes``           vision_msgs/Detection2DArray, the renderer's box of every
+  object seen in the frame (input pixels; ``Detection2D.id`` and the hypothesis' ``class_id``
+  are ``gt<k>``, score 1). The demo seeds the node's box tracks from each scene's first frame
+  of these, as a detector would, and scores the tracked boxes against the rest.
 
 Header frame_id is ``camera_optical_frame``; bag times equal header stamps. The clips follow each
 other with a 2.5 s pause, longer than the node's default ``reset_gap`` (2 s), so each clip starts
@@ -37,6 +41,7 @@ FRAME_ID = 'camera_optical_frame'
 IMAGE_TOPIC = '/camera/image_raw/compressed'
 INFO_TOPIC = '/camera/camera_info'
 DEPTH_TOPIC = '/camera/depth/image_raw'
+BOXES_TOPIC = '/ground_truth/boxes'
 START_NS = 1_700_000_000 * 10**9  # a fixed wall-clock-like epoch, so the bag is reproducible
 
 
@@ -90,6 +95,29 @@ def main(argv: list[str] | None = None) -> None:
                                       types['sensor_msgs/msg/Image'])
             CameraInfo, Roi = (types['sensor_msgs/msg/CameraInfo'],
                                types['sensor_msgs/msg/RegionOfInterest'])
+
+            def boxes_msg(header, boxes_xyxy, valid):  # [K, 4], [K] -> Detection2DArray
+                detections = []
+                for k in np.flatnonzero(valid):
+                    x0, y0, x1, y1 = (float(v) for v in boxes_xyxy[k])
+                    pose = types['geometry_msgs/msg/PoseWithCovariance'](
+                        pose=types['geometry_msgs/msg/Pose'](
+                            position=types['geometry_msgs/msg/Point'](x=0.0, y=0.0, z=0.0),
+                            orientation=types['geometry_msgs/msg/Quaternion'](
+                                x=0.0, y=0.0, z=0.0, w=1.0)),
+                        covariance=np.zeros(36))
+                    hypothesis = types['vision_msgs/msg/ObjectHypothesisWithPose'](
+                        hypothesis=types['vision_msgs/msg/ObjectHypothesis'](
+                            class_id=f'gt{k}', score=1.0), pose=pose)
+                    bbox = types['vision_msgs/msg/BoundingBox2D'](
+                        center=types['vision_msgs/msg/Pose2D'](
+                            position=types['vision_msgs/msg/Point2D'](
+                                x=0.5 * (x0 + x1), y=0.5 * (y0 + y1)), theta=0.0),
+                        size_x=x1 - x0, size_y=y1 - y0)
+                    detections.append(types['vision_msgs/msg/Detection2D'](
+                        header=header, results=[hypothesis], bbox=bbox, id=f'gt{k}'))
+                return types['vision_msgs/msg/Detection2DArray'](header=header,
+                                                                  detections=detections)
             stamp_ns = START_NS
             for index in tqdm(range(args.clips), desc='scenes', unit='scene'):
                 clip = generate_clip(cfg, args.seed, index)
@@ -116,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
                     writer.write_typed(DEPTH_TOPIC, stamp_ns, Image(
                         header=header, height=H, width=W, encoding='16UC1', is_bigendian=0,
                         step=2 * W, data=depth_mm.astype('<u2').reshape(-1).view(np.uint8)))
+                    writer.write_typed(BOXES_TOPIC, stamp_ns, boxes_msg(
+                        header, clip.boxes_xyxy[:, t], clip.boxes_valid[:, t]))
                     stamp_ns += period_ns
                 stamp_ns += round(args.gap * 1e9) - period_ns
             counts = dict(writer.counts)

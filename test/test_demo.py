@@ -50,6 +50,37 @@ def test_sample_bag_is_small_calibrated_and_has_ground_truth():
     assert depth.shape == (120, 160) and np.nanmin(depth) > 1.0 and np.nanmax(depth) < 60.0
 
 
+def test_sample_bag_seeds_each_scene_with_its_first_frame_boxes():
+    gt = demo.bag_gt_boxes(SAMPLE, demo.SAMPLE_BOXES_TOPIC)()
+    stamps = [f.stamp_ns for f in bags.read_frames(SAMPLE, demo.SAMPLE_TOPIC)]
+    assert sorted(gt) == stamps  # one ground-truth message per frame, same header stamps
+    seeds = demo.scene_seeds(stamps, gt)
+    scenes = demo.scene_of(stamps)
+    assert sorted(seeds) == sorted(set(scenes.values())) and len(seeds) == 3
+    for boxes in seeds.values():
+        assert boxes and all(label.startswith(demo.SEED_LABEL_PREFIX) for label in boxes)
+        for xyxy in boxes.values():  # input pixels of the 160x120 camera, non-empty
+            assert xyxy[2] > xyxy[0] and xyxy[3] > xyxy[1]
+            assert xyxy[0] >= -1 and xyxy[1] >= -1 and xyxy[2] <= 161 and xyxy[3] <= 121
+
+
+def test_seeded_box_miou_scores_tracks_by_label_after_the_seed_frame():
+    s = 10**9
+    box = np.array([10.0, 10.0, 30.0, 30.0])
+    gt = {0: {'gt0': box, 'gt1': box + 50}, s // 12: {'gt0': box + [10, 0, 10, 0], 'gt1': box,
+                                                      'gt2': box},
+          5 * s: {'gt0': box}, 5 * s + s // 12: {'gt0': box}}
+    seeds = demo.scene_seeds(sorted(gt), gt)
+    assert sorted(seeds) == [0, 5 * s]
+    frames = [demo.RecordedFrame(0, boxes={'gt0': box}),  # the seed frame: not scored
+              # gt0 5 px behind (IoU 0.6), gt1 lost (0), gt2 never seeded (not scored)
+              demo.RecordedFrame(s // 12, boxes={'gt0': box + [5, 0, 5, 0]}),
+              demo.RecordedFrame(5 * s + s // 12, boxes={'gt0': box})]  # next scene: exact
+    result = demo.seeded_box_miou(frames, gt, seeds)
+    assert result['boxes_scored'] == 3 and result['seeded'] == 3
+    assert result['miou'] == pytest.approx((0.6 + 0 + 1) / 3)
+
+
 @pytest.mark.slow
 def test_sample_script_is_deterministic(tmp_path):
     outputs = []
@@ -129,6 +160,14 @@ def test_demo_short_run_end_to_end(tmp_path, checkpoint, ros_domain_id):
     assert summary['node']['frames_processed'] == summary['frames_out']
     assert summary['latency_ms']['end_to_end_p50'] > 0
     assert summary['depth_metrics']['frames'] == summary['frames_out']
+    # The first scene's boxes were seeded on detections_in and scored afterwards.
+    boxes = summary['boxes_seeded_from_ground_truth']
+    assert boxes['seeded'] == 8 and boxes['boxes_scored'] > 0 and 0 <= boxes['miou'] <= 1
+    cycle = summary['points_cycle_check']
+    assert cycle['windows'] == 36 // demo.CYCLE_WINDOW and cycle['tracks'] == 64 * cycle['windows']
+    for name in ('moog', 'lk'):
+        assert cycle[name]['median_return_px'] >= 0 and 0 <= cycle[name]['within_2px'] <= 1
+    assert 'forward-backward' in done.stdout and 'mIoU' in done.stdout
 
     played = {f.stamp_ns for f in bags.read_frames(SAMPLE, demo.SAMPLE_TOPIC)}
     with AnyReader([out / 'outputs_bag']) as reader:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.serialization import serialize_message
@@ -314,7 +314,8 @@ def live(ros_domain_id, tmp_path_factory):
     node = MoogNode(context=context, parameter_overrides=[
         Parameter(k, value=v) for k, v in params.items()])
     harness = Harness(context, '/')
-    executor = MultiThreadedExecutor(num_threads=4, context=context)
+    # One executor thread, as moog_node spins (ros2/rclpy#1452; see test_node's ``live``).
+    executor = SingleThreadedExecutor(context=context)
     for n in (node, harness.node):
         executor.add_node(n)
     thread = threading.Thread(target=executor.spin, daemon=True)

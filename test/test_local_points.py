@@ -16,7 +16,10 @@ from moog_ros.model import MoogPerception, load_checkpoint, save_checkpoint
 from moog_ros.model.config import ConfigError
 from moog_ros.model.local_points import (
     LocalEvidenceConfig,
+    intensity_pyramid,
+    photometric_refine,
     sample_features,
+    sample_patches,
     window_offsets,
 )
 from moog_ros.model.perception import (
@@ -94,6 +97,45 @@ def test_sample_features_reads_pixel_centres_at_any_map_resolution() -> None:
         got = sample_features(fmap, xy, (image, image))[0, :, 0]
         assert torch.allclose(got, xy[0, :, 0], atol=1e-5)
     assert window_offsets(1).tolist()[:3] == [[-1, -1], [0, -1], [1, -1]]
+
+
+def _smooth_texture(size: int, seed: int = 0) -> torch.Tensor:
+    """``[1, size, size, 3]`` a smooth random texture in [0, 1] (band-limited, LK-friendly)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, size // 4, size // 4, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode='bicubic',
+                                           align_corners=False).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def test_photometric_refine_recovers_a_subpixel_shift_and_skips_flat_windows() -> None:
+    local = LocalEvidenceConfig(photometric_radius=3, photometric_levels=2)
+    size = 64
+    frame0 = _smooth_texture(size)
+    shift = torch.tensor([1.3, -0.6])  # the content moves by this (pixels)
+    # frame1(x) = frame0(x - shift): resampled bilinearly with grid_sample.
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.0, torch.arange(size) + 0.0, indexing='ij')
+    src = torch.stack([xs - shift[0], ys - shift[1]], -1)[None]  # pixel xy to read from
+    grid = (src + 0.5) / size * 2 - 1
+    frame1 = torch.nn.functional.grid_sample(frame0.permute(0, 3, 1, 2), grid,
+                                             align_corners=False,
+                                             padding_mode='border').permute(0, 2, 3, 1)
+    xy0 = torch.tensor([[[20.0, 24.0], [40.0, 36.0], [30.0, 44.0]]])
+    patches = sample_patches(intensity_pyramid(frame0, 2), xy0, local.patch_side, (size, size))
+    assert patches.shape == (1, 3, local.patch_channels)
+    levels1 = intensity_pyramid(frame1, 2)
+    start = xy0 + shift.round()  # the template search's estimate: the nearest whole pixel
+    refined_xy, refined = photometric_refine(levels1, patches, start, local, (size, size))
+    assert refined.all()
+    assert torch.allclose(refined_xy, xy0 + shift, atol=0.1), refined_xy - (xy0 + shift)
+    # A flat image has no gradient: the estimate is kept and flagged not refined.
+    flat = intensity_pyramid(torch.full_like(frame0, 0.5), 2)
+    flat_patches = sample_patches(flat, xy0, local.patch_side, (size, size))
+    kept, refined = photometric_refine(flat, flat_patches, start, local, (size, size))
+    assert not refined.any() and torch.equal(kept, start)
+    # Moving farther than photometric_max_px from the search's estimate is not taken.
+    strict = dataclasses.replace(local, photometric_max_px=0.2)
+    kept, refined = photometric_refine(levels1, patches, start, strict, (size, size))
+    assert not refined.any() and torch.equal(kept, start)
 
 
 def test_untrained_local_readout_is_a_template_tracker() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -272,7 +272,10 @@ def live(context, checkpoint):
             Parameter(k, value=v) for k, v in compressed.items()]),
     ]
     harnesses = [Harness(context, '/'), Harness(context, '/cmp')]
-    executor = MultiThreadedExecutor(num_threads=4, context=context)
+    # One executor thread, as moog_node spins (rclpy 9.1.2's MultiThreadedExecutor re-submits
+    # pending tasks in a busy loop, ros2/rclpy#1452: it holds the GIL and stalls the node's
+    # inference thread for seconds on a 2-core machine).
+    executor = SingleThreadedExecutor(context=context)
     for n in (*nodes, *(h.node for h in harnesses)):
         executor.add_node(n)
     thread = threading.Thread(target=executor.spin, daemon=True)

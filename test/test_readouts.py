@@ -28,6 +28,7 @@ from moog_ros.model.readouts import (
     dense_query_pixels,
     generalized_box_iou,
     get_depth_config,
+    points_visible,
     unit_to_boxes_xyxy,
 )
 
@@ -71,7 +72,9 @@ def test_step_shapes_and_finite(model: MoogPerception) -> None:
     assert out.boxes_presence_logit.shape == (2, 3)
     assert out.rgb.shape == (2, 7, 3)
     for name, value in out._asdict().items():
-        assert torch.isfinite(value).all(), name
+        if name != 'visibility_rule':  # the one non-tensor field: how points_visible decides
+            assert torch.isfinite(value).all(), name
+    assert out.visibility_rule == model.config.points.visibility_rule
     assert (out.depth_m > 0).all() and (out.depth_sampled_m > 0).all()
     # Points are inside the image (sigmoid of the first..last pixel centre).
     assert (out.points_xy >= 0).all() and (out.points_xy <= W - 1).all()
@@ -389,3 +392,22 @@ def test_box_losses() -> None:
     xyxy = torch.tensor([-0.5, -0.5, W - 0.5, H - 0.5])
     torch.testing.assert_close(boxes_xyxy_to_unit(xyxy, (H, W)), torch.tensor([0., 0, 1, 1]))
     torch.testing.assert_close(unit_to_boxes_xyxy(torch.tensor([0., 0, 1, 1]), (H, W)), xyxy)
+
+
+def test_visibility_rules_and_the_model_uses_its_own() -> None:
+    vis = torch.tensor([2.0, 2.0, -1.0])
+    cert = torch.tensor([2.0, -3.0, 5.0])
+    assert points_visible(vis, cert).tolist() == [True, False, False]  # TAPIR: far off = hidden
+    assert points_visible(vis, cert, 'visible').tolist() == [True, True, False]
+    cfg = get_perception_config('tiny')
+    with pytest.raises(Exception, match='visibility_rule'):
+        dataclasses.replace(cfg.points, visibility_rule='maybe')
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(cfg, points=dataclasses.replace(cfg.points,
+                                                              visibility_rule='visible'))
+    model = MoogPerception(cfg).eval()
+    state = model.add_points(model.init_state(1), torch.rand(1, 4, 2) * (W - 1))
+    with torch.no_grad():
+        out, _ = model.step(torch.rand(1, H, W, 3), state)
+    assert out.visibility_rule == 'visible'
+    assert torch.equal(out.points_visible, out.points_visible_logit > 0)

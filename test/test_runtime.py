@@ -9,6 +9,7 @@ from moog_ros.runtime import (
     MoogRuntime,
     RuntimeConfig,
     box_iou,
+    clip_to_extent,
     cpu_has_bf16,
     get_runtime_config,
     load_runtime,
@@ -125,6 +126,18 @@ def test_absent_boxes_end(model):
     first, second = (rt.process(frame, k * FRAME_NS) for k, frame in enumerate(_frames(2)))
     assert len(first.box_ids) == 0 and len(first.ended_box_ids) == 0  # absent, still alive
     assert second.ended_box_ids.tolist() == [box_id] and rt.num_boxes == 0
+
+
+def test_reported_boxes_are_cut_to_the_image(model):
+    boxes = np.array([[-5.0, 3.0, 20.0, 60.0], [10.0, -2.0, 70.0, 10.0]])
+    np.testing.assert_allclose(clip_to_extent(boxes, (64, 48)),
+                               [[-0.5, 3.0, 20.0, 47.5], [10.0, -0.5, 63.5, 10.0]])
+    rt = _runtime(model, grid_points=0)
+    rt.add_boxes(np.array([[0.0, 0.0, 63.0, 47.0]]))  # the whole image: any growth is cut
+    for k, frame in enumerate(_frames(3)):
+        result = rt.process(frame, k * FRAME_NS)
+        assert (result.boxes_xyxy[:, :2] >= -0.5).all()
+        assert (result.boxes_xyxy[:, 2] <= 63.5).all() and (result.boxes_xyxy[:, 3] <= 47.5).all()
 
 
 def test_box_iou():

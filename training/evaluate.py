@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moog_ros import clips, metrics
+from moog_ros import clips, metrics, runtime
 from moog_ros.imaging import FrameGeometry
 from moog_ros.model import CheckpointError, MoogPerception, load_checkpoint
 from moog_ros.training import peers
@@ -232,7 +232,9 @@ def run_perception(model: MoogPerception, clip: EvalClip, device: torch.device,
             out_depth = out.depth_m[0].cpu().numpy()
             out_points = out.points_xy[0].cpu().numpy()
             out_visible = out.points_visible[0].cpu().numpy()
-            out_boxes = out.boxes_xyxy[0].cpu().numpy()
+            # Reported boxes are the part in view, as the node publishes them.
+            out_boxes = runtime.clip_to_extent(out.boxes_xyxy[0].float().cpu().numpy(),
+                                               (clip.image_hw[1], clip.image_hw[0]))
             out_present = (out.boxes_presence_logit[0] > 0).cpu().numpy()
             seconds += time.perf_counter() - start
             depth[t] = out_depth
@@ -276,7 +278,9 @@ def run_box_tracker(tracker: peers.OpenCvBoxTracker, clip: EvalClip) -> Predicti
             order.extend(new_boxes.tolist())
         result = tracker.step(clip.video[t])
         seconds += time.perf_counter() - start
-        boxes_xyxy[order, t] = result.xyxy
+        # Cut to the view like MooG's (OpenCV's rectangles may leave the image).
+        boxes_xyxy[order, t] = runtime.clip_to_extent(np.asarray(result.xyxy, np.float32),
+                                                      (clip.image_hw[1], clip.image_hw[0]))
         boxes_present[order, t] = result.present
     return Predictions(boxes_xyxy=boxes_xyxy, boxes_present=boxes_present, seconds=seconds)
 

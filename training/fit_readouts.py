@@ -406,7 +406,8 @@ def evaluate(model: MoogPerception, loader: torch.utils.data.DataLoader, dist_in
             if points is not None and bool(points.valid[b].any()):
                 keep = points.valid[b].cpu().numpy()
                 visible = points_visible(clip.points_visible_logit[b],
-                                         clip.points_certain_logit[b])
+                                         clip.points_certain_logit[b],
+                                         model.config.points.visibility_rule)
                 averager.add(metrics_lib.tapvid_point_metrics(
                     points.target[b].transpose(0, 1).cpu().numpy()[keep],
                     points.flag[b].T.cpu().numpy()[keep],

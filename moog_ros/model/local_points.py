@@ -57,8 +57,12 @@ __all__ = [
     'LocalEvidenceConfig',
     'LocalPointReadout',
     'PointTrack',
+    'FramePyramid',
     'PyramidLevel',
     'correlation_pyramid',
+    'intensity_pyramid',
+    'photometric_refine',
+    'sample_patches',
     'sample_features',
     'window_offsets',
 ]
@@ -87,6 +91,20 @@ class LocalEvidenceConfig(ConfigBase):
     corr_mlp_size: int = 256  # hidden width of the correlation embedding MLP
     max_step_px: float = 8.0  # a refinement step moves at most this far (tanh-bounded)
     use_tokens: bool = True  # hybrid; False = local evidence only (tokens cut off, ablation)
+    # Sub-pixel photometric refinement after the template search (``photometric_refine``):
+    # frame-to-frame Lucas-Kanade on the image intensity, (2 r + 1)^2 window per level, on
+    # ``photometric_levels`` levels (x1, x1/2, ...). The XFeat search keeps the track on its
+    # start-frame template (no drift, robust to large motion) but is only as precise as its
+    # stride-2 map; the thresholds the trackers are judged at go down to 0.5 px at 128^2.
+    # 0 switches it off.
+    photometric_radius: int = 3
+    photometric_levels: int = 2
+    photometric_iterations: int = 4
+    # A refinement that moves farther than this from the template search's estimate, or
+    # that runs on a window without texture (min eigenvalue below photometric_min_eig), is
+    # not taken.
+    photometric_max_px: float = 2.0
+    photometric_min_eig: float = 1e-4
 
     def __post_init__(self) -> None:
         _require(self, 2 <= self.levels <= 6, f'levels must be in [2, 6], got {self.levels}')
@@ -101,6 +119,11 @@ class LocalEvidenceConfig(ConfigBase):
         _require(self, self.iterations >= 1, f'iterations must be >= 1, got {self.iterations}')
         _require(self, self.corr_mlp_size >= 1, 'corr_mlp_size must be >= 1')
         _require(self, self.max_step_px > 0, 'max_step_px must be > 0')
+        _require(self, self.photometric_radius >= 0, 'photometric_radius must be >= 0')
+        _require(self, self.photometric_levels >= 1, 'photometric_levels must be >= 1')
+        _require(self, self.photometric_iterations >= 1, 'photometric_iterations must be >= 1')
+        _require(self, self.photometric_max_px > 0, 'photometric_max_px must be > 0')
+        _require(self, self.photometric_min_eig >= 0, 'photometric_min_eig must be >= 0')
 
     @property
     def window(self) -> int:
@@ -110,6 +133,19 @@ class LocalEvidenceConfig(ConfigBase):
     def level_channels(self) -> tuple[int, ...]:
         """Feature channels of each pyramid level (the template is their concatenation)."""
         return (FINE_CHANNELS,) + (COARSE_CHANNELS,) * (self.levels - 1)
+
+    @property
+    def patch_side(self) -> int:
+        """Side of one stored intensity patch: the LK window plus a 1-pixel border for the
+        template's central-difference gradients."""
+        return 2 * self.photometric_radius + 3
+
+    @property
+    def patch_channels(self) -> int:
+        """Intensity-patch values kept per query (0 when the refinement is off)."""
+        if not self.photometric_radius:
+            return 0
+        return self.photometric_levels * self.patch_side ** 2
 
     def level_strides(self, input_scale: int) -> tuple[float, ...]:
         """Model-pixel stride of each level for XFeat run at ``input_scale``."""
@@ -124,12 +160,21 @@ class PyramidLevel(NamedTuple):
     stride_px: float
 
 
+class FramePyramid(NamedTuple):
+    """One frame's evidence for the point readout: feature and intensity pyramids."""
+
+    features: list[PyramidLevel]  # correlation levels, finest first
+    intensity: list[PyramidLevel]  # grayscale [B, 1, h, w] at strides 1, 2, ... (may be [])
+
+
 class PointTrack(NamedTuple):
     """Per-query tracking state of the local readout (all ``[B, M, ...]``)."""
 
     position: torch.Tensor  # [B, M, 2] last estimate, model pixels
     velocity: torch.Tensor  # [B, M, 2] pixels per frame (EMA of displacements)
-    template: torch.Tensor  # [B, M, sum(C_l)] query features from its start frame
+    # [B, M, sum(C_l) + P]: query features from its start frame, then (photometric
+    # refinement on) the intensity patches around the last estimate, P values
+    template: torch.Tensor
 
 
 def correlation_pyramid(maps: XFeatMaps, levels: int) -> list[PyramidLevel]:
@@ -141,6 +186,80 @@ def correlation_pyramid(maps: XFeatMaps, levels: int) -> list[PyramidLevel]:
         coarse = F.avg_pool2d(coarse, 2, ceil_mode=True)
         out.append(F.normalize(coarse, dim=1))
     return out  # strides are attached by the readout (they depend on the input scale)
+
+
+def intensity_pyramid(frames: torch.Tensor, levels: int) -> list[PyramidLevel]:
+    """``frames [B, H, W, 3]`` in [0, 1] -> grayscale levels at strides 1, 2, 4, ... model px."""
+    gray = frames.float().mean(dim=-1)[:, None]  # [B, 1, H, W]
+    out = [PyramidLevel(gray, 1.0)]
+    for i in range(1, levels):
+        gray = F.avg_pool2d(gray, 2, ceil_mode=True)
+        out.append(PyramidLevel(gray, float(2 ** i)))
+    return out
+
+
+def sample_patches(levels: list[PyramidLevel], xy: torch.Tensor, side: int,
+                   image_size: tuple[int, int]) -> torch.Tensor:
+    """``[B, M, L * side^2]`` intensity patches (row-major, level-major) centred at ``xy``."""
+    B, M = xy.shape[:2]
+    offsets = window_offsets((side - 1) // 2, xy.device)  # [side^2, 2]
+    out = []
+    for level in levels:
+        points = xy[:, :, None, :] + offsets * level.stride_px  # [B, M, S, 2]
+        values = sample_features(level.features, points.reshape(B, -1, 2), image_size)
+        out.append(values.reshape(B, M, -1))
+    return torch.cat(out, dim=-1)
+
+
+def photometric_refine(levels: list[PyramidLevel], patches: torch.Tensor, xy: torch.Tensor,
+                       local: LocalEvidenceConfig, image_size: tuple[int, int]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame-to-frame Lucas-Kanade from ``xy``: inverse compositional, translation only.
+
+    Each query's template is its patch from the previous frame (``patches``, from
+    ``sample_patches`` at the previous estimate); both template and window are made zero-mean,
+    so a uniform brightness change does not move the track. Coarse to fine over ``levels``.
+
+    Returns:
+        ``(xy [B, M, 2], refined [B, M] bool)``: where a query's window had no texture at
+        some level, or the refinement moved it farther than ``photometric_max_px`` from its
+        start, it keeps ``xy`` and ``refined`` is False.
+    """
+    B, M = xy.shape[:2]
+    side = local.patch_side
+    inner = window_offsets(local.photometric_radius, xy.device)  # [n, 2]
+    start = xy
+    textured = torch.ones(B, M, dtype=torch.bool, device=xy.device)
+    parts = patches.float().split(side * side, dim=-1)
+    for level, part in reversed(list(zip(levels, parts))):
+        P = part.reshape(B, M, side, side)
+        template = P[..., 1:-1, 1:-1].flatten(-2)  # [B, M, n]
+        # Gradients per level pixel (the stored patch is sampled at the level's stride).
+        gx = (0.5 * (P[..., 1:-1, 2:] - P[..., 1:-1, :-2])).flatten(-2)
+        gy = (0.5 * (P[..., 2:, 1:-1] - P[..., :-2, 1:-1])).flatten(-2)
+        template = template - template.mean(-1, keepdim=True)
+        gx = gx - gx.mean(-1, keepdim=True)
+        gy = gy - gy.mean(-1, keepdim=True)
+        hxx, hxy, hyy = (gx * gx).mean(-1), (gx * gy).mean(-1), (gy * gy).mean(-1)
+        half_trace = 0.5 * (hxx + hyy)
+        det = hxx * hyy - hxy * hxy
+        min_eig = half_trace - torch.sqrt((half_trace * half_trace - det).clamp(min=0.0))
+        ok = min_eig > local.photometric_min_eig
+        textured = textured & ok
+        det = torch.where(ok, det, torch.ones_like(det))
+        for _ in range(local.photometric_iterations):
+            points = xy[:, :, None, :] + inner * level.stride_px  # [B, M, n, 2]
+            window = sample_features(level.features, points.reshape(B, -1, 2),
+                                     image_size).reshape(B, M, -1)
+            error = window - window.mean(-1, keepdim=True) - template
+            bx, by = (gx * error).mean(-1), (gy * error).mean(-1)
+            # T(u + d) ~ I(x + u)  =>  the template centre lies at x - d.
+            dx = (hyy * bx - hxy * by) / det
+            dy = (hxx * by - hxy * bx) / det
+            step = torch.stack([dx, dy], dim=-1) * level.stride_px
+            xy = xy - torch.where(ok[..., None], step, torch.zeros_like(step))
+    refined = textured & ((xy - start).norm(dim=-1) <= local.photometric_max_px)
+    return torch.where(refined[..., None], xy, start), refined
 
 
 def sample_features(fmap: torch.Tensor, xy: torch.Tensor, image_size: tuple[int, int]
@@ -187,7 +306,7 @@ class LocalPointReadout(nn.Module):
         self.strides = local.level_strides(input_scale)
         L, S, width = local.levels, local.window, cfg.width
         self.query_mlp = Mlp(4 * cfg.num_fourier_bands, cfg.query_mlp_size, width)
-        self.template_proj = nn.Linear(self.template_width, width)
+        self.template_proj = nn.Linear(self.feature_template_width, width)
         # Correlation windows of every level, their peak and entropy, and the step taken from
         # the prior (in units of the finest stride): what the latent sees of the image.
         self.corr_mlp = Mlp(L * S + 2 * L + 2, local.corr_mlp_size, width)
@@ -204,9 +323,14 @@ class LocalPointReadout(nn.Module):
         self.init_outputs()
 
     @property
-    def template_width(self) -> int:
-        """Channels of a query's template (all levels)."""
+    def feature_template_width(self) -> int:
+        """Feature channels of a query's template (all correlation levels)."""
         return sum(self.local.level_channels())
+
+    @property
+    def template_width(self) -> int:
+        """Values kept per query: the feature template, then its intensity patches."""
+        return self.feature_template_width + self.local.patch_channels
 
     def initial_from_xy(self, xy: torch.Tensor) -> torch.Tensor:
         """``q0`` for query pixels ``[B, M, 2]`` (its appearance is added at the start frame)."""
@@ -232,10 +356,14 @@ class LocalPointReadout(nn.Module):
 
     # ----------------------------------------------------------------------------------------
 
-    def pyramid(self, maps: XFeatMaps) -> list[PyramidLevel]:
-        """The correlation pyramid of one frame's XFeat maps, with model-pixel strides."""
+    def pyramid(self, maps: XFeatMaps, frames: torch.Tensor) -> FramePyramid:
+        """One frame's evidence: the correlation pyramid of its XFeat maps (model-pixel
+        strides) and, with the photometric refinement on, its intensity pyramid."""
         levels = correlation_pyramid(maps, self.local.levels)
-        return [PyramidLevel(f, s) for f, s in zip(levels, self.strides)]
+        intensity = (intensity_pyramid(frames, self.local.photometric_levels)
+                     if self.local.photometric_radius else [])
+        return FramePyramid([PyramidLevel(f, s) for f, s in zip(levels, self.strides)],
+                            intensity)
 
     def sample_template(self, pyramid: list[PyramidLevel], xy: torch.Tensor) -> torch.Tensor:
         """``[B, M, sum(C_l)]`` features of every level at ``xy [B, M, 2]``."""
@@ -287,7 +415,7 @@ class LocalPointReadout(nn.Module):
         step = (xy - prior_xy) / self.strides[0] / self.local.radius  # [B, M, 2] ~ [-1, 1]
         return torch.cat([stacked.flatten(-2), peak, entropy, step], dim=-1)
 
-    def forward(self, latents: torch.Tensor, track: PointTrack, pyramid: list[PyramidLevel],
+    def forward(self, latents: torch.Tensor, track: PointTrack, pyramid: FramePyramid,
                 tokens: torch.Tensor | None, starting: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, PointTrack]:
         """One frame for every query.
@@ -296,7 +424,7 @@ class LocalPointReadout(nn.Module):
             latents: ``[B, M, D_r]`` latents, already reset to ``q0`` where ``starting``.
             track: the tracking state before this frame (``position`` = the query point on a
                 query's start frame).
-            pyramid: this frame's correlation pyramid.
+            pyramid: this frame's evidence (``pyramid``).
             tokens: ``[B, N, D]`` readout features (None: local evidence only).
             starting: ``[B, M]`` bool, True on each query's start frame.
 
@@ -308,14 +436,21 @@ class LocalPointReadout(nn.Module):
             empty = latents.new_zeros(*latents.shape[:2])
             return track.position, empty, empty, latents, track
         start = starting[..., None]  # [B, M, 1]
+        features = pyramid.features
+        F_t = self.feature_template_width
         with torch.no_grad():
             # The template is sampled on the start frame and kept; correlations are constants
             # to the learned part (frozen features, detached positions), so no graph is kept.
-            sampled = self.sample_template(pyramid, track.position)
-            template = torch.where(start, sampled.to(track.template.dtype), track.template)
+            template = track.template[..., :F_t]
+            if bool(starting.any()):  # online, most frames start no query: skip the sampling
+                sampled = self.sample_template(features, track.position)
+                template = torch.where(start, sampled.to(template.dtype), template)
             velocity = torch.where(start, torch.zeros_like(track.velocity), track.velocity)
             prior = track.position + velocity
-            xy = self.coarse_to_fine(pyramid, template, prior)
+            xy = self.coarse_to_fine(features, template, prior)
+            if pyramid.intensity:
+                xy, _ = photometric_refine(pyramid.intensity, track.template[..., F_t:], xy,
+                                           self.local, self.image_size)
             xy = torch.where(start, track.position, xy)
             prior = torch.where(start, track.position, prior)
         latents = torch.where(start, latents + self.template_proj(template.to(latents.dtype)),
@@ -323,7 +458,7 @@ class LocalPointReadout(nn.Module):
         visible_logit = certain_logit = None
         for _ in range(self.local.iterations):
             with torch.no_grad():
-                seen = self.evidence(pyramid, template, xy, prior)
+                seen = self.evidence(features, template, xy, prior)
             corrected = latents + self.corr_mlp(seen.to(latents.dtype))
             if self.transformer is not None and tokens is not None:
                 corrected = corrected + self.transformer(corrected, tokens.to(corrected.dtype))
@@ -341,5 +476,10 @@ class LocalPointReadout(nn.Module):
             m = self.local.velocity_momentum
             velocity = torch.where(start, torch.zeros_like(velocity),
                                    m * velocity + (1.0 - m) * moved)
+            if pyramid.intensity:
+                # The next frame's LK template: this frame around the new estimate.
+                patches = sample_patches(pyramid.intensity, xy.detach(),
+                                         self.local.patch_side, self.image_size)
+                template = torch.cat([template, patches.to(template.dtype)], dim=-1)
         next_track = PointTrack(position=xy.detach(), velocity=velocity, template=template)
         return xy, visible_logit, certain_logit, next_latents, next_track

@@ -34,10 +34,10 @@ from moog_ros.model.box_fit import box_member_points, fit_boxes
 from moog_ros.model.checkpoint import CheckpointError, load_checkpoint, register_model_kind
 from moog_ros.model.config import ConfigBase, ConfigError, MoogConfig, get_config
 from moog_ros.model.local_points import (
+    FramePyramid,
     LocalEvidenceConfig,
     LocalPointReadout,
     PointTrack,
-    PyramidLevel,
 )
 from moog_ros.model.moog import Moog, MoogState, StepOutput, readout_features
 from moog_ros.model.readouts import (
@@ -206,11 +206,13 @@ class PerceptionOutput(NamedTuple):
     boxes_xyxy: torch.Tensor  # [B, M, 4] pixels, x_min <= x_max, y_min <= y_max
     boxes_presence_logit: torch.Tensor  # [B, M]
     rgb: torch.Tensor | None  # [B, Q, 3] MooG's prediction of this frame at decode_coords_xy
+    visibility_rule: str = 'visible_and_certain'  # PointReadoutConfig.visibility_rule
 
     @property
     def points_visible(self) -> torch.Tensor:
-        """``[B, M]`` bool: ``sigmoid(vis) * sigmoid(cert) > 0.5``."""
-        return points_visible(self.points_visible_logit, self.points_certain_logit)
+        """``[B, M]`` bool, by the model's ``visibility_rule`` (``readouts.points_visible``)."""
+        return points_visible(self.points_visible_logit, self.points_certain_logit,
+                              self.visibility_rule)
 
 
 class PerceptionClipOutput(NamedTuple):
@@ -458,7 +460,7 @@ class MoogPerception(nn.Module):
         starting = (queries.start_frame == frame_index)[..., None]
         return torch.where(starting, queries.initial, queries.latents)
 
-    def _track_points(self, queries: QueryState, pyramid: list[PyramidLevel],
+    def _track_points(self, queries: QueryState, pyramid: FramePyramid,
                       tokens: torch.Tensor | None, t: int
                       ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], QueryState]:
         """The local point readout on one frame: ``((xy, visible_logit, certain_logit),
@@ -489,7 +491,8 @@ class MoogPerception(nn.Module):
 
     def _readouts(self, moog_out: StepOutput, moog_state: MoogState, state: PerceptionState,
                   depth_coords_xy: torch.Tensor | None, dense_depth: bool,
-                  maps: XFeatMaps | None) -> tuple[PerceptionOutput, PerceptionState]:
+                  maps: XFeatMaps | None, frame: torch.Tensor
+                  ) -> tuple[PerceptionOutput, PerceptionState]:
         features = readout_features(moog_out)  # [B, 2K, D]
         t = state.frame_index
         skips = None
@@ -500,7 +503,7 @@ class MoogPerception(nn.Module):
                          if depth_coords_xy is not None else None)
         members = state.members
         if self.local_points:
-            pyramid = self.points.pyramid(maps)
+            pyramid = self.points.pyramid(maps, frame)
             tokens = features if self.config.points.local.use_tokens else None
             # Points and box members in one call: queries never interact, and one batch
             # samples the pyramid and attends into the tokens once per frame.
@@ -527,7 +530,8 @@ class MoogPerception(nn.Module):
             # The box head's output is a residual on the fit from the members, and a box is
             # present as far as its members are seen.
             fitted, support = self._fit_boxes(state, members_xy,
-                                              points_visible(members_vis, members_cert))
+                                              points_visible(members_vis, members_cert,
+                                                             self.config.points.visibility_rule))
             boxes_xyxy, presence_logit = self.boxes.decode_outputs(
                 box_heads, self.boxes.anchor_from_xyxy(fitted))
             presence_logit = presence_logit + 4.0 * (support - 0.5)
@@ -538,7 +542,8 @@ class MoogPerception(nn.Module):
         out = PerceptionOutput(
             depth_m=depth_m, depth_sampled_m=depth_sampled, points_xy=points_xy,
             points_visible_logit=vis_logit, points_certain_logit=cert_logit,
-            boxes_xyxy=boxes_xyxy, boxes_presence_logit=presence_logit, rgb=moog_out.rgb)
+            boxes_xyxy=boxes_xyxy, boxes_presence_logit=presence_logit, rgb=moog_out.rgb,
+            visibility_rule=self.config.points.visibility_rule)
         new_state = PerceptionState(
             moog=moog_state,
             points=points,
@@ -568,7 +573,7 @@ class MoogPerception(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and finetune_backbone):
             moog_out, moog_state = self.moog.step(frame, state.moog, decode_coords_xy)
         return self._readouts(moog_out, moog_state, state, depth_coords_xy, dense_depth,
-                              self.image_features(frame))
+                              self.image_features(frame), frame)
 
     def forward(self, video: torch.Tensor, state: PerceptionState | None = None, *,
                 points_xy: torch.Tensor | None = None,
@@ -631,7 +636,8 @@ class MoogPerception(nn.Module):
             out, state = self._readouts(
                 moog_out, moog_state, state,
                 depth_coords_xy[:, t] if depth_coords_xy is not None else None, dense_depth,
-                XFeatMaps(*(m[:, t] for m in maps)) if maps is not None else None)
+                XFeatMaps(*(m[:, t] for m in maps)) if maps is not None else None,
+                video[:, t])
             outs.append(out)
 
         def stack(name: str) -> torch.Tensor | None:

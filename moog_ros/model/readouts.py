@@ -199,6 +199,9 @@ class DepthReadoutConfig(ConfigBase):
                      f'fusion.skip_strides[0] ({first}): the token grid is upsampled onto it')
 
 
+VISIBILITY_RULES = ('visible_and_certain', 'visible')
+
+
 @dataclasses.dataclass(frozen=True)
 class _RecurrentReadoutConfig(ConfigBase):
     """Fields shared by the recurrent (``ConditionalAutoregressiveReadout``) readouts."""
@@ -245,6 +248,16 @@ class PointReadoutConfig(_RecurrentReadoutConfig):
     # Local image evidence (template + correlation windows on XFeat maps, a learned residual
     # from the last estimate; ``local_points.py``). None = the token-only readout above.
     local: LocalEvidenceConfig | None = None
+    # How a query is called visible (``points_visible``): 'visible_and_certain' is TAPIR's
+    # rule (sigmoid(vis) * sigmoid(cert) > 0.5: a point predicted far off is called occluded);
+    # 'visible' reads the visibility logit alone and leaves certainty as a confidence.
+    visibility_rule: str = 'visible_and_certain'
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self, self.visibility_rule in VISIBILITY_RULES,
+                 f'visibility_rule must be one of {list(VISIBILITY_RULES)}, got '
+                 f'{self.visibility_rule!r}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,8 +363,12 @@ def unit_to_boxes_xyxy(unit: torch.Tensor, image_size: tuple[int, int]) -> torch
     return unit * unit.new_tensor([w, h, w, h]) - 0.5
 
 
-def points_visible(visible_logit: torch.Tensor, certain_logit: torch.Tensor) -> torch.Tensor:
-    """TAPIR-style decision: visible iff ``sigmoid(vis) * sigmoid(cert) > 0.5``."""
+def points_visible(visible_logit: torch.Tensor, certain_logit: torch.Tensor,
+                   rule: str = 'visible_and_certain') -> torch.Tensor:
+    """Visibility decision (``PointReadoutConfig.visibility_rule``): TAPIR's
+    ``sigmoid(vis) * sigmoid(cert) > 0.5``, or ``'visible'``: ``sigmoid(vis) > 0.5``."""
+    if rule == 'visible':
+        return visible_logit > 0
     return torch.sigmoid(visible_logit) * torch.sigmoid(certain_logit) > 0.5
 
 

@@ -71,6 +71,10 @@ SHORT_SECONDS = 3.0
 SAMPLE_NAME = 'moog_sample.mcap'
 SAMPLE_TOPIC = '/camera/image_raw/compressed'
 SAMPLE_DEPTH_TOPIC = '/camera/depth/image_raw'
+SAMPLE_BOXES_TOPIC = '/ground_truth/boxes'  # scripts/make_sample_bag.py
+SEED_LABEL_PREFIX = 'gt'  # the seeds' class_id: ground-truth seeds, not a detector's boxes
+SCENE_GAP_S = 1.0  # a stamp gap longer than this starts a new scene (the node resets at 2 s)
+CYCLE_WINDOW = 8  # forward-backward check: frames forward (and back)
 BIKES_WIDTH = 320
 PREROLL_S = 1.0  # /clock runs this long before the first frame (the node's clock must be set)
 CLOCK_PERIOD_S = 0.05  # /clock publish period while waiting (20 Hz)
@@ -102,6 +106,8 @@ class DemoInput:
         camera_info: rclpy CameraInfo published with every frame, or None (uncalibrated).
         ground_truth: what ground truth exists, for the summary.
         gt_depth: stamps -> ground-truth depth ``[H, W]`` (metres, input pixels), if known.
+        gt_boxes: ground-truth boxes by stamp, ``{stamp: {label: xyxy [4]}}`` (input pixels),
+            if known. Each scene's first-frame boxes seed the node's box tracks.
     """
 
     name: str
@@ -110,6 +116,7 @@ class DemoInput:
     camera_info: Any | None
     ground_truth: str
     gt_depth: Callable[[set[int]], dict[int, np.ndarray]] | None = None
+    gt_boxes: Callable[[], dict[int, dict[str, np.ndarray]]] | None = None
 
 
 def sample_bag_path() -> Path:
@@ -196,6 +203,95 @@ def bag_gt_depth(path: Path, image_topic: str, depth_topic: str
     return read
 
 
+def bag_gt_boxes(path: Path, topic: str) -> Callable[[], dict[int, dict[str, np.ndarray]]]:
+    """Reads a ``vision_msgs/Detection2DArray`` ground-truth topic by header stamp."""
+
+    def read() -> dict[int, dict[str, np.ndarray]]:
+        from rosbags.highlevel import AnyReader
+
+        out: dict[int, dict[str, np.ndarray]] = {}
+        with AnyReader([path]) as reader:  # MCAP carries its message definitions
+            connections = [c for c in reader.connections if c.topic == topic]
+            for connection, _, raw in reader.messages(connections=connections):
+                msg = reader.deserialize(raw, connection.msgtype)
+                stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+                out[stamp] = {_detection_label(det): _detection_xyxy(det)
+                              for det in msg.detections}
+        return out
+
+    return read
+
+
+def _detection_label(det: Any) -> str:
+    return det.results[0].hypothesis.class_id if len(det.results) else ''
+
+
+def _detection_xyxy(det: Any) -> np.ndarray:
+    c, w, h = det.bbox.center.position, det.bbox.size_x, det.bbox.size_y
+    return np.array([c.x - w / 2, c.y - h / 2, c.x + w / 2, c.y + h / 2], np.float64)
+
+
+def scene_of(stamps: Sequence[int]) -> dict[int, int]:
+    """``{stamp: first stamp of its scene}`` for sorted ``stamps``: a scene starts at the
+    first stamp and after every gap longer than ``SCENE_GAP_S``."""
+    scene: dict[int, int] = {}
+    previous = start = None
+    for stamp in stamps:
+        if previous is None or stamp - previous > SCENE_GAP_S * 1e9:
+            start = stamp
+        scene[stamp] = start
+        previous = stamp
+    return scene
+
+
+def scene_seeds(stamps: Sequence[int], gt_boxes: dict[int, dict[str, np.ndarray]]
+                ) -> dict[int, dict[str, np.ndarray]]:
+    """The boxes a detector would hand the node: each scene's first-frame ground truth."""
+    return {start: gt_boxes[start] for start in set(scene_of(stamps).values())
+            if gt_boxes.get(start)}
+
+
+def seeded_box_miou(frames: Sequence[RecordedFrame], gt_boxes: dict[int, dict[str, np.ndarray]],
+                    seeds: dict[int, dict[str, np.ndarray]]) -> dict[str, float] | None:
+    """Mean IoU of the node's box tracks against ground truth, on every frame after a seed.
+
+    A seeded object counts on each later frame of its scene where it has a true box; a box
+    the node no longer publishes scores 0 (as in ``moog_evaluate``). Objects that enter after
+    the seed frame were never seeded and are not scored.
+    """
+    from moog_ros.metrics import box_iou
+
+    scenes = scene_of(sorted(gt_boxes))
+    ious = []
+    for frame in frames:
+        start = scenes.get(frame.stamp_ns)
+        if start is None or start not in seeds or frame.stamp_ns == start:
+            continue
+        for label, truth in gt_boxes[frame.stamp_ns].items():
+            if label in seeds[start]:
+                pred = frame.boxes.get(label)
+                ious.append(0.0 if pred is None else float(box_iou(pred, truth)))
+    if not ious:
+        return None
+    played = {scenes[f.stamp_ns] for f in frames if f.stamp_ns in scenes}
+    return {'miou': float(np.mean(ious)), 'boxes_scored': len(ious),
+            'seeded': sum(len(v) for k, v in seeds.items() if k in played)}
+
+
+def played_segments(demo_input: DemoInput, stamps: set[int]) -> list[list[np.ndarray]]:
+    """The played frames (RGB, input size) as continuous scenes, for the cycle check."""
+    segments: list[list[np.ndarray]] = []
+    previous = None
+    for frame in demo_input.frames():
+        if frame.stamp_ns not in stamps:
+            continue
+        if previous is None or frame.stamp_ns - previous > SCENE_GAP_S * 1e9:
+            segments.append([])
+        segments[-1].append(frame.rgb)
+        previous = frame.stamp_ns
+    return segments
+
+
 def open_input(spec: str, topic: str | None) -> DemoInput:
     """The :class:`DemoInput` for ``--input`` (``sample``, ``bikes`` or a bag path).
 
@@ -220,8 +316,9 @@ def open_input(spec: str, topic: str | None) -> DemoInput:
         return DemoInput(
             name='sample', description=f'bundled bag {path.name}: 3 generated scenes, 160x120',
             frames=lambda: bag_frames(path, SAMPLE_TOPIC), camera_info=info,
-            ground_truth='rendered depth and true intrinsics',
-            gt_depth=bag_gt_depth(path, SAMPLE_TOPIC, SAMPLE_DEPTH_TOPIC))
+            ground_truth='rendered depth, object boxes and true intrinsics',
+            gt_depth=bag_gt_depth(path, SAMPLE_TOPIC, SAMPLE_DEPTH_TOPIC),
+            gt_boxes=bag_gt_boxes(path, SAMPLE_BOXES_TOPIC))
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--input {spec}: no such bag (or use 'sample' or 'bikes')")
@@ -503,18 +600,27 @@ class Player:
         node: the rclpy node to publish from.
         camera_info: CameraInfo sent (re-stamped) with every frame, or None.
         clock: the playback clock.
+        seeds: ``{stamp: {label: xyxy}}`` boxes published on the node's ``detections_in``
+            right before the frame with that stamp, as a detector would.
     """
 
-    def __init__(self, node: Any, camera_info: Any | None, clock: PlayClock) -> None:
+    def __init__(self, node: Any, camera_info: Any | None, clock: PlayClock,
+                 seeds: dict[int, dict[str, np.ndarray]] | None = None) -> None:
         from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
         from rosgraph_msgs.msg import Clock
         from sensor_msgs.msg import CameraInfo, Image
+        from vision_msgs.msg import Detection2DArray
 
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                          reliability=ReliabilityPolicy.RELIABLE)
         self.image_pub = node.create_publisher(Image, IMAGE_TOPIC, qos)
         self.info_pub = node.create_publisher(CameraInfo, INFO_TOPIC, qos)
         self.clock_pub = node.create_publisher(Clock, '/clock', qos)
+        self.seed_pub = node.create_publisher(Detection2DArray, f'{NAMESPACE}/detections_in',
+                                              QoSProfile(history=HistoryPolicy.KEEP_LAST,
+                                                         depth=10,
+                                                         reliability=ReliabilityPolicy.RELIABLE))
+        self.seeds = seeds or {}
         self._clock_type = Clock
         self.camera_info = camera_info
         self.clock = clock
@@ -526,10 +632,16 @@ class Player:
         self.clock_pub.publish(self._clock_type(clock=ros_header(log_ns, '').stamp))
 
     def publish(self, frame: Frame) -> None:
-        from moog_ros.ros.conversions import rgb_to_image
+        from moog_ros.ros.conversions import boxes_to_detections, rgb_to_image
 
         self.tick(frame.log_ns)
         header = ros_header(frame.stamp_ns, frame.frame_id)
+        seeds = self.seeds.get(frame.stamp_ns)
+        if seeds:  # queued by the node and applied on this frame (after any scene reset)
+            labels = list(seeds)
+            self.seed_pub.publish(boxes_to_detections(
+                header, np.arange(len(labels)), np.stack([seeds[k] for k in labels]),
+                np.ones(len(labels)), labels))
         if self.camera_info is not None:  # first, so the node has it when the image arrives
             self.camera_info.header = header
             self.info_pub.publish(self.camera_info)
@@ -612,6 +724,7 @@ class RecordedFrame:
     depth_m: np.ndarray | None = None  # float32 [h, w]
     num_tracks: int = 0
     num_boxes: int = 0
+    boxes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # label -> xyxy
 
 
 def read_recording(bag: Path) -> list[RecordedFrame]:
@@ -638,6 +751,8 @@ def read_recording(bag: Path) -> list[RecordedFrame]:
                 frame.num_tracks = int(msg.width) * int(msg.height)
             else:
                 frame.num_boxes = len(msg.detections)
+                frame.boxes = {_detection_label(det): _detection_xyxy(det)
+                               for det in msg.detections}
     return [frames[s] for s in sorted(frames)]
 
 
@@ -850,6 +965,8 @@ def run(args: argparse.Namespace) -> int:
               zip(OUTPUTS, output_topics(NAMESPACE).values())}
     topics['/diagnostics'] = DiagnosticArray
 
+    gt_boxes = demo_input.gt_boxes() if demo_input.gt_boxes is not None else {}
+    seeds = scene_seeds(sorted(gt_boxes), gt_boxes)
     clock = PlayClock(args.rate)
     wall_start = time.monotonic()
     node_process = NodeProcess(checkpoint, args.device, paths.node_log)
@@ -868,7 +985,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         writer = BagWriter(paths.bag)
         recorder = Recorder(demo_node, writer, clock, topics)
-        player = Player(demo_node, demo_input.camera_info, clock)
+        player = Player(demo_node, demo_input.camera_info, clock, seeds)
         try:
             print_err(f'{PROG}: starting moog_node (log: {paths.node_log})')
             # The node configures (loads the model) and activates itself (autostart); active,
@@ -899,13 +1016,14 @@ def run(args: argparse.Namespace) -> int:
         return status
     return report(args, demo_input, checkpoint, random_weights, paths, recorder,
                   player.published, frames_in, settled, node_code,
-                  time.monotonic() - wall_start)
+                  time.monotonic() - wall_start, gt_boxes, seeds)
 
 
 def report(args: argparse.Namespace, demo_input: DemoInput, checkpoint: Path,
            random_weights: bool, paths: Outputs, recorder: Recorder,
            published: dict[int, float], frames_in: int, settled: bool, node_code: int | None,
-           wall_s: float) -> int:
+           wall_s: float, gt_boxes: dict[int, dict[str, np.ndarray]],
+           seeds: dict[int, dict[str, np.ndarray]]) -> int:
     """Renders the video and the contact sheet, prints and saves the summary."""
     from moog_ros import metrics
 
@@ -939,6 +1057,17 @@ def report(args: argparse.Namespace, demo_input: DemoInput, checkpoint: Path,
             depth = metrics.depth_metrics(np.stack(true), np.stack(pred))
             depth['frames'] = len(pred)
 
+    boxes = seeded_box_miou(with_outputs, gt_boxes, seeds) if seeds else None
+    cycle = None
+    if not random_weights:
+        from moog_ros.model import load_checkpoint
+        from moog_ros.tools.cycle_check import cut_windows, cycle_check
+
+        model = load_checkpoint(checkpoint, map_location='cpu',
+                                expected_kind='perception').model.eval()
+        windows = cut_windows(played_segments(demo_input, set(published)), CYCLE_WINDOW, 8)
+        cycle = cycle_check(windows, model) if windows else None
+
     counts = recorder.node_counts()
     node_latency = (counts.get('latency_ms_p50', math.nan), counts.get('latency_ms_p95', math.nan))
     step = (counts.get('step_ms_p50', math.nan), counts.get('step_ms_p95', math.nan))
@@ -960,6 +1089,8 @@ def report(args: argparse.Namespace, demo_input: DemoInput, checkpoint: Path,
                        'end_to_end_p50': e2e[0], 'end_to_end_p95': e2e[1]},
         'step_ms': {'p50': step[0], 'p95': step[1]},
         'depth_metrics': depth,
+        'boxes_seeded_from_ground_truth': boxes,
+        'points_cycle_check': cycle,
         'files': {k: str(v) for k, v in dataclasses.asdict(paths).items()},
         'topics_recorded': dict(recorder.writer.counts),
     }
@@ -969,6 +1100,17 @@ def report(args: argparse.Namespace, demo_input: DemoInput, checkpoint: Path,
              (f'{frames_in} frames in, {frames_out} with outputs  |  latency p50 '
               f'{node_latency[0]:.0f} ms (node), {e2e[0]:.0f} ms (camera -> outputs)  |  ground '
               f'truth: {demo_input.ground_truth.split(":")[0]}', (200, 200, 200))]
+    figures = []
+    if depth is not None:
+        figures.append(f'depth AbsRel {depth["absrel"]:.3f}')
+    if boxes is not None:
+        figures.append(f'boxes mIoU {boxes["miou"]:.3f} (seeded from ground truth)')
+    if cycle is not None and cycle['windows']:
+        figures.append(f'points forward-backward {CYCLE_WINDOW} frames: median return '
+                       f'MooG {cycle["moog"]["median_return_px"]:.2f} px, '
+                       f'LK {cycle["lk"]["median_return_px"]:.2f} px')
+    if figures:
+        title.append(('  |  '.join(figures), (200, 200, 200)))
     if random_weights:
         title.insert(0, ('RANDOM WEIGHTS: the shipped model is missing; outputs are meaningless',
                          (255, 80, 80)))
@@ -1005,6 +1147,19 @@ def report(args: argparse.Namespace, demo_input: DemoInput, checkpoint: Path,
                      'vs. rendered depth')
     else:
         lines.append(f'  truth       {demo_input.ground_truth}')
+    if boxes is not None:
+        lines.append(f'  boxes       mIoU {boxes["miou"]:.3f} over {boxes["boxes_scored"]} boxes '
+                     f'after the seed frame ({boxes["seeded"]} tracks seeded from ground-truth '
+                     'first-frame boxes on detections_in)')
+    if cycle is not None and cycle['windows']:
+        W, H = cycle['resolution_wh']
+        for name, label in (('moog', 'MooG'), ('lk', 'LK')):
+            f = cycle[name]
+            lines.append(
+                f'  points      {label:4s} forward-backward over {CYCLE_WINDOW} frames: median '
+                f'return {f["median_return_px"]:.2f} px, {100 * f["within_2px"]:.0f} % within '
+                f'2 px (median forward motion {f["median_forward_px"]:.1f} px; '
+                f'{cycle["tracks"]} tracks in {cycle["windows"]} windows at {W}x{H})')
     lines += [
         f'  bag         {paths.bag} ({sum(recorder.writer.counts.values())} messages)',
         f'  video       {paths.video}',
