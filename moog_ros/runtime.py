@@ -31,9 +31,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass
 import math
+import os
 from pathlib import Path
 import threading
 import time
@@ -172,19 +174,17 @@ def cpu_has_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of the model step on ``device``, or None for plain fp32.
 
-    ``'auto'`` picks bf16 where it is faster: a CUDA device with bf16 support, or a CPU with
-    bf16 instructions (on the development machine's AVX512-BF16 CPU, without AMX, the shipped
-    small model's step took 28 ms in bf16 against 35 ms in fp32, 2 threads, interleaved runs);
-    plain fp32 elsewhere, where bf16 would be emulated.
+    ``'auto'`` picks bf16 where it is faster: a CUDA device with bf16 support. On CPUs it
+    stays fp32: with the shipped hybrid model (XFeat convolutions, small per-query ops) the
+    node's step on this project's AMX CPU took 33-35 ms p50 in fp32 against 41 ms in bf16
+    (``bench/bench_node.py --quick --num-threads 1 --precision fp32 bf16``; the earlier
+    tokens-only model was the other way round, 28 against 35 ms); ``bf16`` still opts in.
     """
     if precision not in PRECISIONS:
         raise ValueError(f'precision {precision!r} is not one of {PRECISIONS}')
     device = torch.device(device)
     if precision == 'auto':
-        if device.type == 'cuda':
-            wins = torch.cuda.is_bf16_supported()
-        else:
-            wins = device.type == 'cpu' and cpu_has_bf16()
+        wins = device.type == 'cuda' and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if wins else None
     return torch.bfloat16 if precision == 'bf16' else None
 
@@ -333,6 +333,13 @@ class MoogRuntime:
         # and depth-fusion convolutions (the same results up to float summation order; about
         # 10 % of a CPU step measured interleaved with the default layout).
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        # On a CPU with a core to spare the XFeat maps are computed on a second thread while
+        # MooG steps (``MoogPerception.step(executor=)``; identical outputs, 32 -> 27 ms for the
+        # shipped model's step on 1 torch thread each). A GPU already overlaps its kernels.
+        self._features_pool = (
+            ThreadPoolExecutor(1, thread_name_prefix='moog_features')
+            if self.device.type == 'cpu' and model.xfeat is not None
+            and (os.cpu_count() or 1) >= 2 else None)
         self.config = config
         self.autocast_dtype = resolve_precision(config.precision, self.device)
         H, W = model.image_size
@@ -648,7 +655,8 @@ class MoogRuntime:
             dtype = self.autocast_dtype
             with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16,
                                 enabled=dtype is not None):
-                out, self._state = self.model.step(frame, self._state, dense_depth=True)
+                out, self._state = self.model.step(frame, self._state, dense_depth=True,
+                                                   executor=self._features_pool)
             # One host copy per output family (each .cpu() waits for the device); float32 on
             # the host whatever the step computed in.
             depth_model = out.depth_m[0].float().cpu().numpy()  # [Hm, Wm]
@@ -820,8 +828,12 @@ class MoogRuntime:
             self._next_id = 1
 
     def close(self) -> None:
-        """Drops the model state (frees its device memory once nothing else refers to it)."""
+        """Drops the model state (frees its device memory once nothing else refers to it)
+        and stops the feature thread."""
         self._clear_state()
+        if self._features_pool is not None:
+            self._features_pool.shutdown(wait=True)
+            self._features_pool = None
 
 
 def _concat_ids(parts: list[np.ndarray]) -> np.ndarray:

@@ -7,6 +7,7 @@ Tiny configs on the CPU. XFeat's real weights come from the installed ``scm-xfea
 import dataclasses
 import importlib.util
 import math
+import os
 
 import numpy as np
 import pytest
@@ -277,3 +278,26 @@ def test_config_errors_name_the_missing_piece() -> None:
     assert round_trip == cfg
     assert get_perception_config('tiny').xfeat_scale == 0  # old designs need no XFeat
     assert math.isclose(cfg.points.local.level_strides(cfg.xfeat_scale)[0], 2.0)
+
+
+def test_features_on_a_worker_thread_give_the_same_step_and_the_runtime_uses_one() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moog_ros.runtime import MoogRuntime, RuntimeConfig
+
+    model = _hybrid()
+    state = model.add_points(model.init_state(1), torch.rand(1, 6, 2) * (W - 1))
+    frames = torch.rand(3, 1, H, W, 3)
+    with ThreadPoolExecutor(1) as pool, torch.inference_mode():
+        serial, parallel = state, state
+        for frame in frames:
+            a, serial = model.step(frame, serial)
+            b, parallel = model.step(frame, parallel, executor=pool)
+            for name in ('points_xy', 'points_visible_logit', 'depth_m', 'boxes_xyxy'):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+    runtime = MoogRuntime(model, RuntimeConfig(grid_points=4), 'cpu')
+    # A worker for the features exactly when there is a core to spare for it.
+    assert (runtime._features_pool is not None) == ((os.cpu_count() or 1) >= 2)
+    runtime.process(np.zeros((32, 32, 3), np.uint8), 0)
+    runtime.close()
+    assert runtime._features_pool is None
