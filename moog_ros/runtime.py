@@ -333,13 +333,13 @@ class MoogRuntime:
         # and depth-fusion convolutions (the same results up to float summation order; about
         # 10 % of a CPU step measured interleaved with the default layout).
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
-        # On a CPU with a core to spare the XFeat maps are computed on a second thread while
-        # MooG steps (``MoogPerception.step(executor=)``; identical outputs, 32 -> 27 ms for the
-        # shipped model's step on 1 torch thread each). A GPU already overlaps its kernels.
+        # On a CPU with a core to spare, a second thread computes the XFeat maps while MooG
+        # steps and the depth map while the point and box readouts run
+        # (``MoogPerception.step(executor=)``; identical outputs, 31 -> 24 ms for the shipped
+        # model's step on 1 torch thread each). A GPU already overlaps its kernels.
         self._features_pool = (
-            ThreadPoolExecutor(1, thread_name_prefix='moog_features')
-            if self.device.type == 'cpu' and model.xfeat is not None
-            and (os.cpu_count() or 1) >= 2 else None)
+            ThreadPoolExecutor(1, thread_name_prefix='moog_step')
+            if self.device.type == 'cpu' and (os.cpu_count() or 1) >= 2 else None)
         self.config = config
         self.autocast_dtype = resolve_precision(config.precision, self.device)
         H, W = model.image_size

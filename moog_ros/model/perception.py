@@ -23,7 +23,7 @@ under ``configs['model']``.
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -492,14 +492,22 @@ class MoogPerception(nn.Module):
 
     def _readouts(self, moog_out: StepOutput, moog_state: MoogState, state: PerceptionState,
                   depth_coords_xy: torch.Tensor | None, dense_depth: bool,
-                  maps: XFeatMaps | None, frame: torch.Tensor
+                  maps: XFeatMaps | None, frame: torch.Tensor,
+                  executor: Executor | None = None
                   ) -> tuple[PerceptionOutput, PerceptionState]:
         features = readout_features(moog_out)  # [B, 2K, D]
         t = state.frame_index
         skips = None
         if self.config.depth.fusion is not None:
             skips = [maps.coarse, maps.fine]  # coarse to fine, as depth.fusion.skip_strides
-        depth_m = self.depth.dense(features, skips) if dense_depth else None
+        pending_depth = None
+        if dense_depth and executor is not None:
+            # The dense depth map and the point / box readouts read the same features and
+            # nothing of each other: the map is decoded on the worker meanwhile.
+            pending_depth = self._as_caller(executor, self.depth.dense, features, skips)
+            depth_m = None
+        else:
+            depth_m = self.depth.dense(features, skips) if dense_depth else None
         depth_sampled = (self.depth(features, depth_coords_xy, skips)
                          if depth_coords_xy is not None else None)
         members = state.members
@@ -540,6 +548,8 @@ class MoogPerception(nn.Module):
         else:
             boxes_xyxy, presence_logit = self.boxes.decode_outputs(box_heads, state.boxes.anchor)
             box_position = boxes_xyxy.detach().float()
+        if pending_depth is not None:
+            depth_m = pending_depth.result()
         out = PerceptionOutput(
             depth_m=depth_m, depth_sampled_m=depth_sampled, points_xy=points_xy,
             points_visible_logit=vis_logit, points_certain_logit=cert_logit,
@@ -553,14 +563,22 @@ class MoogPerception(nn.Module):
             members=members)
         return out, new_state
 
-    def _image_features_as_caller(self, frame: torch.Tensor, inference: bool, grad: bool,
-                                  autocast: tuple[str, bool, torch.dtype]) -> XFeatMaps | None:
-        # Grad, inference and autocast modes are thread-local: a worker thread gets the
-        # caller's, so the features are exactly what the caller's thread would compute.
-        device_type, enabled, dtype = autocast
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
-                torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            return self.image_features(frame)
+    @staticmethod
+    def _as_caller(executor: Executor, fn: Any, *args: Any) -> Future:
+        """``executor.submit(fn, *args)`` under the calling thread's grad, inference and
+        autocast modes (they are thread-local), so the worker computes exactly what the caller
+        would."""
+        device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), 'cpu')
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def run() -> Any:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                    torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                return fn(*args)
+
+        return executor.submit(run)
 
     def step(self, frame: torch.Tensor, state: PerceptionState, *,
              dense_depth: bool = True, depth_coords_xy: torch.Tensor | None = None,
@@ -577,24 +595,22 @@ class MoogPerception(nn.Module):
             decode_coords_xy: ``[B, Q, 2]`` pixels for MooG's RGB prediction, or None.
             finetune_backbone: False runs MooG without gradients (frozen features, as the
                 paper's stop-gradient readouts); the readouts still get gradients.
-            executor: computes the XFeat maps on another thread while MooG steps (they only
-                need the frame); the same numbers, one core's worth of time off a CPU step.
+            executor: a second thread for work that runs beside the main one: the XFeat maps
+                while MooG steps (they only need the frame), then the dense depth map while
+                the point and box readouts run. The same numbers; on a CPU with a core to
+                spare, that core's share of the step.
 
         Returns:
             ``(PerceptionOutput, new PerceptionState)``.
         """
         pending = None
         if executor is not None and self.xfeat is not None:
-            device_type = frame.device.type
-            pending = executor.submit(
-                self._image_features_as_caller, frame, torch.is_inference_mode_enabled(),
-                torch.is_grad_enabled(), (device_type, torch.is_autocast_enabled(device_type),
-                                          torch.get_autocast_dtype(device_type)))
+            pending = self._as_caller(executor, self.image_features, frame)
         with torch.set_grad_enabled(torch.is_grad_enabled() and finetune_backbone):
             moog_out, moog_state = self.moog.step(frame, state.moog, decode_coords_xy)
         maps = pending.result() if pending is not None else self.image_features(frame)
         return self._readouts(moog_out, moog_state, state, depth_coords_xy, dense_depth,
-                              maps, frame)
+                              maps, frame, executor)
 
     def forward(self, video: torch.Tensor, state: PerceptionState | None = None, *,
                 points_xy: torch.Tensor | None = None,
