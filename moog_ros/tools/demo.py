@@ -223,10 +223,14 @@ def bag_gt_boxes(path: Path, topic: str) -> Callable[[], dict[int, dict[str, np.
 
 
 def _detection_label(det: Any) -> str:
-    return det.results[0].hypothesis.class_id if len(det.results) else ''
+    from moog_ros.ros.conversions import detection_label
+
+    return detection_label(det)  # duck-typed: rclpy and rosbags messages alike
 
 
 def _detection_xyxy(det: Any) -> np.ndarray:
+    # Not conversions.bbox_to_xyxy: that rejects zero-size boxes, and a published box cut to
+    # the view can have zero size (it then scores IoU 0, as it should).
     c, w, h = det.bbox.center.position, det.bbox.size_x, det.bbox.size_y
     return np.array([c.x - w / 2, c.y - h / 2, c.x + w / 2, c.y + h / 2], np.float64)
 
@@ -280,16 +284,12 @@ def seeded_box_miou(frames: Sequence[RecordedFrame], gt_boxes: dict[int, dict[st
 
 def played_segments(demo_input: DemoInput, stamps: set[int]) -> list[list[np.ndarray]]:
     """The played frames (RGB, input size) as continuous scenes, for the cycle check."""
-    segments: list[list[np.ndarray]] = []
-    previous = None
+    scenes = scene_of(sorted(stamps))
+    segments: dict[int, list[np.ndarray]] = {}
     for frame in demo_input.frames():
-        if frame.stamp_ns not in stamps:
-            continue
-        if previous is None or frame.stamp_ns - previous > SCENE_GAP_S * 1e9:
-            segments.append([])
-        segments[-1].append(frame.rgb)
-        previous = frame.stamp_ns
-    return segments
+        if frame.stamp_ns in scenes:
+            segments.setdefault(scenes[frame.stamp_ns], []).append(frame.rgb)
+    return [segments[start] for start in sorted(segments)]
 
 
 def open_input(spec: str, topic: str | None) -> DemoInput:
